@@ -1,0 +1,131 @@
+"""The IR: an ATen-level `torch.fx.GraphModule` whose nodes carry FakeTensor metadata.
+
+Every capture path produces this form, every pass consumes and returns it:
+
+- `call_function` nodes target `torch._ops.OpOverload`s (ATen or the `compiler` namespace) or
+  `operator.getitem`;
+- every value node has `node.meta["val"]`: a FakeTensor (shapes may hold SymInts), a SymInt,
+  or a tuple of them;
+- weights are frozen: parameters and buffers are `get_attr` nodes on the module (the same
+  tensor objects as the model's, not copies), so passes can see and rewrite constants;
+  placeholders are the runtime inputs only.
+
+This module holds the small helpers that keep those invariants when a pass edits the graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+
+def fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:
+    """The FakeTensorMode (with its ShapeEnv) that produced the graph's metadata."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if "val" in n.meta]
+    mode = detect_fake_mode(vals)
+    if mode is None:
+        raise ValueError("graph has no FakeTensor metadata; capture it with compiler.capture")
+    return mode
+
+
+def _to_fake(value: Any, mode: FakeTensorMode) -> Any:
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+        return mode.from_tensor(value, static_shapes=True)
+    return value
+
+
+def arg_values(gm: fx.GraphModule, args: Any, mode: FakeTensorMode) -> Any:
+    """Node arguments with each node replaced by its FakeTensor (or SymInt) value."""
+    def val(n: fx.Node) -> Any:
+        if n.op == "get_attr":
+            return _to_fake(_get_attr(gm, str(n.target)), mode)
+        return n.meta["val"]
+
+    return fx.node.map_arg(args, val)
+
+
+def _get_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def propagate_meta(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> None:
+    """Fill `meta["val"]` on new nodes by running their targets on FakeTensors."""
+    mode = fake_mode_of(gm)
+    for node in nodes:
+        if node.op == "get_attr":
+            node.meta["val"] = _to_fake(_get_attr(gm, str(node.target)), mode)
+        elif node.op == "call_function":
+            args = arg_values(gm, node.args, mode)
+            kwargs = arg_values(gm, node.kwargs, mode)
+            with mode:
+                node.meta["val"] = node.target(*args, **kwargs)
+
+
+def freeze_inputs(gm: fx.GraphModule, constants: dict[fx.Node, torch.Tensor]) -> None:
+    """Turn placeholders that carry weights into `get_attr` nodes holding those tensors.
+
+    The tensors are registered as-is (no copy): the graph sees in-place updates of the
+    model's weights, though not a weight replaced by a new tensor object.
+    """
+    if not constants:
+        return
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder") if len(gm.graph.nodes) else None
+    for i, (node, tensor) in enumerate(constants.items()):
+        name = f"_frozen_{i}"
+        if isinstance(tensor, torch.nn.Parameter):
+            gm.register_parameter(name, tensor)
+        else:
+            gm.register_buffer(name, tensor, persistent=False)
+        with gm.graph.inserting_before(first):
+            attr = gm.graph.get_attr(name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def is_mutating(node: fx.Node) -> bool:
+    """True when the node writes to one of its inputs (an in-place or out= op)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    return False
+
+
+def op_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """How many call sites each op has: a quick structural summary for tests and reports."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is not operator.getitem:
+            key = str(node.target)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def graph_text(gm: fx.GraphModule) -> str:
+    """A readable listing of the graph: one line per node with its shape and dtype."""
+    lines = []
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        shape = ""
+        if isinstance(val, torch.Tensor):
+            shape = f"  # {str(val.dtype).removeprefix('torch.')}{list(val.shape)}"
+        if node.op == "placeholder":
+            lines.append(f"{node.name} = input(){shape}")
+        elif node.op == "get_attr":
+            lines.append(f"{node.name} = constant({node.target}){shape}")
+        elif node.op == "output":
+            lines.append(f"return {node.args[0]}")
+        else:
+            args = ", ".join([*map(repr, node.args), *(f"{k}={v!r}" for k, v in node.kwargs.items())])
+            lines.append(f"{node.name} = {node.target}({args}){shape}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,45 @@
+"""Passes over the IR, and the default pipeline.
+
+The pass-authoring API: `Pass` and `PassResult` (base.py), `PatternPass`/`Pattern` for
+rewrites written as two Python functions (pattern.py), `Pipeline`, `PassContext` and
+instruments (pipeline.py), and `as_inductor_pass` to hand any pass to Inductor.
+
+`default_pipeline()` builds a fresh pipeline each call: there is no global registry to
+mutate, so adding a pass means building your own list (see docs/passes.md).
+"""
+
+from __future__ import annotations
+
+from compiler.passes.base import Pass, PassResult
+from compiler.passes.pattern import Match, Pattern, PatternPass
+from compiler.passes.pipeline import (
+    DumpGraphInstrument,
+    PassContext,
+    PassInstrument,
+    Pipeline,
+    TimingInstrument,
+    VerifyNumericsInstrument,
+)
+
+
+def default_pipeline() -> Pipeline:
+    """The built-in passes in order. Lossless canonicalization first, then fusion."""
+    from compiler.passes.fusion.rms_norm import fuse_rms_norm
+
+    return Pipeline([fuse_rms_norm()], name="default")
+
+
+__all__ = [
+    "DumpGraphInstrument",
+    "Match",
+    "Pass",
+    "PassContext",
+    "PassInstrument",
+    "PassResult",
+    "Pattern",
+    "PatternPass",
+    "Pipeline",
+    "TimingInstrument",
+    "VerifyNumericsInstrument",
+    "default_pipeline",
+]
