@@ -41,5 +41,13 @@ __all__ = [
     "Pipeline",
     "TimingInstrument",
     "VerifyNumericsInstrument",
+    "as_inductor_pass",
     "default_pipeline",
 ]
+
+
+def as_inductor_pass(p: Pass, ctx: PassContext | None = None):  # noqa: ANN201 - lazy import
+    """Wrap a pass as an Inductor `CustomGraphPass` (imported lazily: Inductor is heavy)."""
+    from compiler.passes.inductor import as_inductor_pass as wrap
+
+    return wrap(p, ctx)

@@ -1,1 +1,10 @@
-"""placeholder"""
+"""The Triton codegen backend: lowerings of compiler ops to Triton kernels for CUDA targets.
+
+Importing this package registers its lowerings on the compiler ops and nothing more: triton is
+imported when a lowering runs, because TRITON_INTERPRET (run kernels on CPU tensors, for tests
+on machines without a GPU) must be set before triton is first imported.
+"""
+
+from compiler.codegen.triton import rms_norm
+
+__all__ = ["rms_norm"]
