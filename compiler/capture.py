@@ -204,12 +204,14 @@ def _fold_sdpa_variants(gm: fx.GraphModule) -> int:
                 return node.kwargs.get(at, default)
             return node.args[at] if at is not None and len(node.args) > at else default
 
-        kwargs = {
+        given = {
             "attn_mask": arg(mask_at, None),
             "dropout_p": arg(dropout_at, 0.0),
             "is_causal": arg(causal_at, False),
             "scale": node.kwargs.get("scale"),
         }
+        defaults = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None}
+        kwargs = {k: v for k, v in given.items() if v != defaults[k] or isinstance(v, fx.Node)}
         with gm.graph.inserting_before(node):
             sdpa = gm.graph.call_function(aten.scaled_dot_product_attention.default, tuple(node.args[:3]), kwargs)
         propagate_meta(gm, [sdpa])

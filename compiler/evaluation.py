@@ -35,7 +35,8 @@ _CHUNK = 512
 def data_dir() -> Path:
     """The folder of real text: `$COMPILER_DATA_DIR`, else `../shared/data` beside the repo."""
     override = os.environ.get(DATA_DIR_ENV)
-    path = Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    repo = Path(__file__).resolve().parents[1]
+    path = Path(override) if override else repo.parent / "shared" / "data"
     if not path.is_dir():
         raise UserInputError(
             f"data folder {path} not found; set {DATA_DIR_ENV} to the folder holding "
@@ -122,9 +123,10 @@ def next_token_agreement(
     windows: Sequence[torch.Tensor],
     device: torch.device | str | None = None,
 ) -> float:
-    """Fraction of the scored positions (the first T-1 of each window) where the two argmaxes agree."""
+    """Fraction of scored positions (the first T-1 of each window) where the argmaxes agree."""
     agree = tokens = 0
-    for (_, a), (_, b) in zip(_run(model_a, windows, device), _run(model_b, windows, device), strict=True):
+    outputs = zip(_run(model_a, windows, device), _run(model_b, windows, device), strict=True)
+    for (_, a), (_, b) in outputs:
         agree += _agreeing(a, b)
         tokens += a.shape[1] - 1
     return agree / tokens
@@ -163,7 +165,7 @@ def compare(
 def _run(model_fn: ModelFn, windows: Sequence[torch.Tensor], device: Any):
     """Yields (input_ids on the CPU, logits [1, T, V] on the CPU) for each window, in order."""
     if not windows:
-        raise UserInputError("no windows to evaluate on; pass at least one [1, T] tensor of token ids")
+        raise UserInputError("no windows to evaluate on; pass at least one [1, T] tensor of ids")
     if device is None:
         param = next(model_fn.parameters(), None) if isinstance(model_fn, torch.nn.Module) else None
         device = param.device if param is not None else torch.device("cpu")
@@ -173,7 +175,8 @@ def _run(model_fn: ModelFn, windows: Sequence[torch.Tensor], device: Any):
         for ids in windows:
             if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
                 raise UserInputError(
-                    f"a window must be token ids of shape [1, T] with T >= 2, got {tuple(ids.shape)}"
+                    "a window must be token ids of shape [1, T] with T >= 2, "
+                    f"got {tuple(ids.shape)}"
                 )
             ids = ids.to(torch.int64)
             on_device = ids.to(device)

@@ -24,9 +24,10 @@ from compiler.passes.pipeline import (
 
 def default_pipeline() -> Pipeline:
     """The built-in passes in order. Lossless canonicalization first, then fusion."""
+    from compiler.passes.canonicalize.causal_attention import CanonicalizeCausalAttention
     from compiler.passes.fusion.rms_norm import fuse_rms_norm
 
-    return Pipeline([fuse_rms_norm()], name="default")
+    return Pipeline([CanonicalizeCausalAttention(), fuse_rms_norm()], name="default")
 
 
 __all__ = [

@@ -128,7 +128,10 @@ def _why_not_runnable(req: LoweringRequest, device: str) -> str:
     if device == "cuda" and torch.cuda.is_available():
         return ""
     if device == "cuda":
-        return f"Triton kernel for {req.target.device}: no CUDA device here and TRITON_INTERPRET is not set"
+        return (
+            f"Triton kernel for {req.target.device}: no CUDA device here "
+            "and TRITON_INTERPRET is not set"
+        )
     return f"Triton kernel for {device} tensors: only runs there under TRITON_INTERPRET=1"
 
 

@@ -70,7 +70,8 @@ def parse_target(tvm_target: str) -> Any:
     import tvm
     from tvm.target import codegen
 
-    config = json.loads(tvm_target) if tvm_target.lstrip().startswith("{") else _parse_cli(tvm_target)
+    is_json = tvm_target.lstrip().startswith("{")
+    config = json.loads(tvm_target) if is_json else _parse_cli(tvm_target)
     if config.get("kind") == "llvm" and "mcpu" not in config and "mtriple" not in config:
         config["mcpu"] = codegen.llvm_get_system_cpu()
     return tvm.target.Target(config)

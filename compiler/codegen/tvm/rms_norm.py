@@ -25,7 +25,7 @@ from compiler.ops import rms_norm as RMS_NORM
 from compiler.ops.registry import Kernel, LoweringRequest
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-# Threads per block of the CUDA schedule; an N below it uses fewer (a multiple of the warp).
+# Threads per block of the CUDA schedule; a smaller N uses its next power of two (at least a warp).
 _CUDA_THREADS = 256
 
 
@@ -53,6 +53,8 @@ def _static_row_length(x: Any, weight: Any) -> int:
     if not is_concrete_int(n):
         raise Unsupported(f"rms_norm over a symbolic last dimension ({n}); the kernels fix N")
     n = int(n)
+    if n == 0:
+        raise Unsupported("rms_norm over an empty last dimension")
     if tuple(weight.shape) != (n,):
         raise Unsupported(f"rms_norm weight of shape {tuple(weight.shape)} for N={n}")
     for tensor, role in ((x, "x"), (weight, "weight")):
@@ -107,7 +109,8 @@ def _lower_for_host(
     if not req.run_here:
         return Kernel(name, "tvm", source, note="not built: the caller asked for source only")
     built = build_primfunc(scheduled, req.target.tvm_target, name)
-    return Kernel(name, "tvm", source, runner=_host_runner(built, n, out_dtype), note=f"shared library: {built.library}")
+    runner = _host_runner(built, n, out_dtype)
+    return Kernel(name, "tvm", source, runner=runner, note=f"shared library: {built.library}")
 
 
 def _schedule_host(func: Any, lanes: int) -> Any:
@@ -133,7 +136,9 @@ def _schedule_host(func: Any, lanes: int) -> Any:
     return sch.mod["main"]
 
 
-def _host_runner(built: Callable[..., Any], n: int, out_dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+def _host_runner(
+    built: Callable[..., Any], n: int, out_dtype: torch.dtype
+) -> Callable[..., torch.Tensor]:
     def run(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows = as_kernel_input(x.reshape(-1, n))
         y = torch.empty(rows.shape, dtype=out_dtype)
@@ -145,7 +150,7 @@ def _host_runner(built: Callable[..., Any], n: int, out_dtype: torch.dtype) -> C
 
 def _lower_for_cuda(req: LoweringRequest, func: Any, n: int, name: str) -> Kernel:
     scheduled = _schedule_cuda(func, n)
-    not_run = "TVM CUDA kernels are generated for reading only; the triton backend runs CUDA targets"
+    not_run = "TVM CUDA kernels are for reading only; the triton backend runs CUDA targets"
     try:
         source = device_source(scheduled, req.target.tvm_target, name)
     except Exception as exc:  # noqa: BLE001 - any toolchain failure leaves the TIR to read

@@ -1,0 +1,1 @@
+"""Canonicalization passes: lossless rewrites that undo what capture made awkward."""
