@@ -7,7 +7,8 @@ folder (`*_calibration.txt` to calibrate, `*_evaluation.txt` to judge; never mix
 
 A "model function" here is anything called as `model_fn(input_ids=ids, attention_mask=mask)`,
 the keyword form of a MODEL.py's example inputs: an HF `nn.Module` (its output has `.logits`),
-a compiled callable returning a tensor, or one returning a tuple whose first item is the logits.
+or a compiled callable returning the logits tensor, a dict holding "logits", or a tuple whose
+first item is the logits.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,16 +186,19 @@ def _run(model_fn: ModelFn, windows: Sequence[torch.Tensor], device: Any):
 
 
 def _logits(out: Any, length: int) -> torch.Tensor:
-    """The logits in a model's output: `.logits`, the tensor itself, or a tuple's first item."""
+    """The logits in a model's output: `.logits`, a dict's "logits", the tensor itself, or a
+    tuple's first item."""
     if hasattr(out, "logits"):
         out = out.logits
+    elif isinstance(out, Mapping) and "logits" in out:
+        out = out["logits"]
     elif isinstance(out, (tuple, list)) and out:
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != (1, length):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserInputError(
             f"model output must be logits of shape [1, {length}, vocab] (a tensor, an object with "
-            f".logits, or a tuple starting with them), got {got}"
+            f".logits, a dict with 'logits', or a tuple starting with them), got {got}"
         )
     return out
 

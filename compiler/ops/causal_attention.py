@@ -25,6 +25,8 @@ def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], scale: float
 ) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask[:, : k.shape[-2]]
     if key_padding_mask is None or bool(key_padding_mask.all()):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()

@@ -62,8 +62,18 @@ def _same_shape(a: Any, b: Any) -> bool:
     return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
 
 
+def _is_full_slice(node: fx.Node) -> bool:
+    """`x[..., 0:INT_MAX]`, which Dynamo's graphs hold for HF's `[:, :, cache_position]`."""
+    return (
+        node.target is aten.slice.Tensor
+        and (node.args[2] if len(node.args) > 2 else 0) in (0, None)
+        and (node.args[4] if len(node.args) > 4 else 1) == 1
+        and _same_shape(_val(node).shape, _val(node.args[0]).shape)
+    )
+
+
 def _strip_broadcast(node: Any) -> Any:
-    while isinstance(node, fx.Node) and node.target in _BROADCAST:
+    while isinstance(node, fx.Node) and (node.target in _BROADCAST or _is_full_slice(node)):
         node = node.args[0]
     return node
 
@@ -126,8 +136,10 @@ def _padding_input(node: fx.Node) -> fx.Node:
         source = source.args[0]  # GPT-2 views the mask as [B, -1]: a no-op
     if not isinstance(source, fx.Node) or source.op != "placeholder":
         raise _NotCausal("the padding mask is not a graph input")
+    # The gather reads pad[:, :S]; compiler::causal_attention slices the same way, so the
+    # mask's own length need not be provably S (Dynamo gives it a symbol of its own).
     shape = _val(source).shape
-    if len(shape) != 2 or not _same(shape[0], batch.length) or not _same(shape[1], key.length):
+    if len(shape) != 2 or not _same(shape[0], batch.length):
         raise _NotCausal("the padding mask's shape does not match the indices")
     return source
 
@@ -157,6 +169,19 @@ def _collect(node: Any, terms: _MaskTerms) -> None:
         terms.padding = pad
     else:
         raise _NotCausal(f"{node.target} ({node.name}) is not part of a causal mask")
+
+
+def _scalar(node: Any) -> Any:
+    if isinstance(node, fx.Node) and node.target is aten.scalar_tensor.default:
+        return node.args[0]
+    return node
+
+
+def _boolean_mask(mask: fx.Node) -> fx.Node:
+    """SDPA's CPU decomposition turns a boolean mask into `where(m, 0, -inf)`: the same mask."""
+    if mask.target is aten.where.self and _scalar(mask.args[1]) == 0.0 and _scalar(mask.args[2]) == float("-inf"):
+        return mask.args[0]
+    return mask
 
 
 def _unrepeated(node: fx.Node) -> fx.Node:
@@ -192,7 +217,7 @@ class CanonicalizeCausalAttention(Pass):
                 extra = {**dict(zip(("dropout_p", "is_causal"), node.args[4:])), **node.kwargs}
                 if extra.get("dropout_p", 0.0) != 0.0 or extra.get("is_causal") or extra.get("enable_gqa"):
                     raise _NotCausal("SDPA has dropout, is_causal or enable_gqa set")
-                _collect(mask, terms)
+                _collect(_boolean_mask(mask), terms)
                 if not terms.causal:
                     raise _NotCausal("no key <= query term")
             except _NotCausal as exc:
