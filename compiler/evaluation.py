@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,9 +146,10 @@ def compare(
     """
     nll_ref = nll_cand = 0.0
     tokens = agree = 0
-    for (ids, ref), (_, cand) in zip(
+    outputs = zip(
         _run(reference_fn, windows, device), _run(candidate_fn, windows, device), strict=True
-    ):
+    )
+    for (ids, ref), (_, cand) in outputs:
         agree += _agreeing(ref, cand)
         nll_ref += _nll(ref, ids)
         nll_cand += _nll(cand, ids)
@@ -163,7 +164,9 @@ def compare(
     )
 
 
-def _run(model_fn: ModelFn, windows: Sequence[torch.Tensor], device: Any):
+def _run(
+    model_fn: ModelFn, windows: Sequence[torch.Tensor], device: torch.device | str | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yields (input_ids on the CPU, logits [1, T, V] on the CPU) for each window, in order."""
     if not windows:
         raise UserInputError("no windows to evaluate on; pass at least one [1, T] tensor of ids")

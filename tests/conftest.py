@@ -2,9 +2,8 @@
 
 Triton runs on CPU only through its interpreter, which must be chosen before the first
 `import triton`; setting it here, before any test imports the compiler, makes the Triton
-kernels runnable in tests. The cache goes to a per-session folder unless the caller set one,
-so tests never depend on (or damage) a user's cache, while the real model's converted weights
-are reused across runs through COMPILER_CACHE_DIR when CI sets it.
+kernels runnable in tests. Tests that touch the cache point COMPILER_CACHE_DIR at a tmp_path
+themselves; the real model's converted weights stay in the user's cache so they are made once.
 """
 
 import os
