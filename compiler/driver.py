@@ -164,7 +164,7 @@ def _report_markdown(result: CompileResult) -> str:
     if not result.codegen.kernels:
         lines.append("- none")
     lines += ["", "## Left to ATen", ""]
-    lines += [f"- {f}" for f in result.codegen.fallbacks]
+    lines += [f"- x{n}: {reason}" for reason, n in result.codegen.fallback_summary().items()]
     lines += [f"- `{op}` x{n}" for op, n in result.codegen.aten_ops.items()]
     return "\n".join(lines) + "\n"
 

@@ -42,8 +42,14 @@ class CodegenReport:
             "backend": self.backend,
             "kernels": [{"name": k.name, "backend": k.backend, "runs_here": k.runner is not None, "note": k.note} for k in self.kernels],
             "fallbacks": self.fallbacks,
+            "fallback_summary": self.fallback_summary(),
             "aten_ops": self.aten_ops,
         }
+
+
+    def fallback_summary(self) -> dict[str, int]:
+        """Fallback reasons with how many call sites each covers."""
+        return dict(Counter(f.split(": ", 1)[1] for f in self.fallbacks).most_common())
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
