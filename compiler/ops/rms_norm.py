@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from compiler.errors import Unsupported
 from compiler.ops.registry import compiler_op
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -21,3 +24,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.to(torch.float32)
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
+
+
+def kernel_row_length(x: torch.Tensor, weight: torch.Tensor, max_n: int | None = None) -> int:
+    """N for a generated kernel, after checking the call site is one kernels handle (static N,
+    weight [N], a float dtype); raises Unsupported, so the call site keeps the reference."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    if x.dim() == 0:
+        raise Unsupported("rms_norm of a 0-d tensor")
+    n = x.shape[-1]
+    if not is_concrete_int(n):
+        raise Unsupported(f"rms_norm over a symbolic last dimension ({n}); the kernels fix N")
+    n = int(n)
+    if n == 0 or (max_n is not None and n > max_n):
+        raise Unsupported(f"rms_norm kernels handle 0 < N <= {max_n or 'any'}, not N={n}")
+    if tuple(weight.shape) != (n,):
+        raise Unsupported(f"rms_norm weight of shape {tuple(weight.shape)} for N={n}")
+    for tensor, role in ((x, "x"), (weight, "weight")):
+        if tensor.dtype not in KERNEL_DTYPES:
+            raise Unsupported(f"rms_norm with {role} of dtype {tensor.dtype}")
+    return n
+
+
+def kernel_name(n: int, x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
+    """One name per specialization, the same in every backend: rms_norm_float32_n576."""
+    x_name, w_name = (str(d).removeprefix("torch.") for d in (x_dtype, w_dtype))
+    return f"rms_norm_{x_name}_n{n}" if x_dtype == w_dtype else f"rms_norm_{x_name}_{w_name}_n{n}"

@@ -17,15 +17,14 @@ import hashlib
 import importlib.util
 import os
 from types import ModuleType
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from compiler.cache import cache_dir
-from compiler.errors import Unsupported
 from compiler.ops import rms_norm as RMS_NORM
 from compiler.ops.registry import Kernel, LoweringRequest
+from compiler.ops.rms_norm import kernel_name, kernel_row_length
 
 KERNEL_NAME = "rms_norm_kernel"
 KERNEL_SOURCE = '''\
@@ -56,7 +55,6 @@ def rms_norm_kernel(x_ptr, w_ptr, y_ptr, rows, n_cols, eps,
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 '''
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # One program holds BLOCK_M x BLOCK_N values in registers; past this N a row no longer fits and
 # the kernel would need a loop over column blocks.
 _MAX_N = 65536
@@ -75,11 +73,11 @@ def lower_rms_norm(req: LoweringRequest) -> Kernel:
     import triton
 
     x, weight, _eps = req.args
-    n = _static_row_length(x, weight)
+    n = kernel_row_length(x, weight, _MAX_N)
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(_MAX_ROWS_PER_PROGRAM, _ELEMENTS_PER_PROGRAM // block_n))
     num_warps = min(16, max(1, block_m * block_n // _ELEMENTS_PER_WARP))
-    name = _kernel_name(n, x.dtype, weight.dtype)
+    name = kernel_name(n, x.dtype, weight.dtype)
     source = (
         f"# {name}: {KERNEL_NAME}[(cdiv(rows, {block_m}),)](..., n_cols={n}, "
         f"BLOCK_M={block_m}, BLOCK_N={block_n}, num_warps={num_warps})\n{KERNEL_SOURCE}"
@@ -90,29 +88,6 @@ def lower_rms_norm(req: LoweringRequest) -> Kernel:
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     runner = _runner(_kernel_module(), n, out_dtype, block_m, block_n, num_warps)
     return Kernel(name, "triton", source, runner=runner)
-
-
-def _static_row_length(x: Any, weight: Any) -> int:
-    """N, after checking that the call site is one the kernel handles."""
-    if x.dim() == 0:
-        raise Unsupported("rms_norm of a 0-d tensor")
-    n = x.shape[-1]
-    if not is_concrete_int(n):
-        raise Unsupported(f"rms_norm over a symbolic last dimension ({n}); the kernel fixes N")
-    n = int(n)
-    if not 0 < n <= _MAX_N:
-        raise Unsupported(f"Triton rms_norm handles 0 < N <= {_MAX_N}, not N={n}")
-    if tuple(weight.shape) != (n,):
-        raise Unsupported(f"rms_norm weight of shape {tuple(weight.shape)} for N={n}")
-    for tensor, role in ((x, "x"), (weight, "weight")):
-        if tensor.dtype not in _DTYPES:
-            raise Unsupported(f"rms_norm with {role} of dtype {tensor.dtype}")
-    return n
-
-
-def _kernel_name(n: int, x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
-    x_name, w_name = (str(d).removeprefix("torch.") for d in (x_dtype, w_dtype))
-    return f"rms_norm_{x_name}_n{n}" if x_dtype == w_dtype else f"rms_norm_{x_name}_{w_name}_n{n}"
 
 
 def _interpreting() -> bool:

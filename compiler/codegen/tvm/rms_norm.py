@@ -17,12 +17,12 @@ import math
 from typing import Any, Callable
 
 import torch
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from compiler.codegen.tvm.build import as_kernel_input, build_primfunc, device_source, parse_target
 from compiler.errors import Unsupported
 from compiler.ops import rms_norm as RMS_NORM
 from compiler.ops.registry import Kernel, LoweringRequest
+from compiler.ops.rms_norm import kernel_name, kernel_row_length
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # Threads per block of the CUDA schedule; a smaller N uses its next power of two (at least a warp).
@@ -32,9 +32,9 @@ _CUDA_THREADS = 256
 @RMS_NORM.register_lowering("tvm")
 def lower_rms_norm(req: LoweringRequest) -> Kernel:
     x, weight, _eps = req.args
-    n = _static_row_length(x, weight)
+    n = kernel_row_length(x, weight)
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
-    name = _kernel_name(n, x.dtype, weight.dtype)
+    name = kernel_name(n, x.dtype, weight.dtype)
     target = parse_target(req.target.tvm_target)
     func = _rms_norm_primfunc(n, _DTYPES[x.dtype], _DTYPES[weight.dtype], _DTYPES[out_dtype])
     kind = target.kind.name
@@ -43,29 +43,6 @@ def lower_rms_norm(req: LoweringRequest) -> Kernel:
     if kind == "cuda":
         return _lower_for_cuda(req, func, n, name)
     raise Unsupported(f"TVM rms_norm has no schedule for target kind {kind!r}")
-
-
-def _static_row_length(x: Any, weight: Any) -> int:
-    """N, after checking that the call site is one the kernels handle."""
-    if x.dim() == 0:
-        raise Unsupported("rms_norm of a 0-d tensor")
-    n = x.shape[-1]
-    if not is_concrete_int(n):
-        raise Unsupported(f"rms_norm over a symbolic last dimension ({n}); the kernels fix N")
-    n = int(n)
-    if n == 0:
-        raise Unsupported("rms_norm over an empty last dimension")
-    if tuple(weight.shape) != (n,):
-        raise Unsupported(f"rms_norm weight of shape {tuple(weight.shape)} for N={n}")
-    for tensor, role in ((x, "x"), (weight, "weight")):
-        if tensor.dtype not in _DTYPES:
-            raise Unsupported(f"rms_norm with {role} of dtype {tensor.dtype}")
-    return n
-
-
-def _kernel_name(n: int, x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
-    dtypes = _DTYPES[x_dtype] if x_dtype == w_dtype else f"{_DTYPES[x_dtype]}_{_DTYPES[w_dtype]}"
-    return f"rms_norm_{dtypes}_n{n}"
 
 
 def _rms_norm_primfunc(n: int, x_dtype: str, w_dtype: str, out_dtype: str) -> Any:
