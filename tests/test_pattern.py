@@ -191,7 +191,8 @@ def test_near_miss_is_not_rewritten_and_explain_names_the_differing_op(fn, expec
     before = op_counts(gm)
     assert run_pass(p, gm).stats["matches"] == 0
     assert op_counts(gm) == before
-    torch.testing.assert_close(gm(x, w), fn(x, w), rtol=0, atol=0)
+    # x.pow(3) has negative means, so both sides hold the same NaNs from rsqrt.
+    torch.testing.assert_close(gm(x, w), fn(x, w), rtol=0, atol=0, equal_nan=True)
 
 
 def test_explain_at_a_node_of_another_op():
@@ -296,7 +297,7 @@ def _two_out_replace(x, y, z):
 
 
 def _two_out_pass() -> PatternPass:
-    return PatternPass("two_out", _two_out_search, _two_out_replace, [torch.empty(4)] * 3)
+    return PatternPass("two_out", _two_out_search, _two_out_replace, [torch.empty(4) for _ in range(3)])
 
 
 def _uses_both(x, y, z):
@@ -351,7 +352,7 @@ def _late_replace(x, y, z, u):
 
 
 def _late_pass() -> PatternPass:
-    return PatternPass("late", _late_search, _late_replace, [torch.empty(4)] * 4)
+    return PatternPass("late", _late_search, _late_replace, [torch.empty(4) for _ in range(4)])
 
 
 def _late_input(x, y, z, w):
@@ -399,21 +400,19 @@ def test_no_insertion_point_is_refused_and_explained():
 
 def test_every_rms_norm_rewrite_of_a_real_graph_keeps_order():
     """A Llama-style graph with norms feeding matmuls and residual adds."""
-    torch.manual_seed(1)
-    w1, w2, proj = torch.randn(16), torch.randn(16), torch.randn(16, 16)
 
-    def block(x):
+    def block(x, w1, w2, proj):
         h = x + _norm_eps(x, w1, 1e-6) @ proj
         return h + _norm_eps(h, w2, 1e-5) @ proj.t()
 
-    x = randn(3, 16, seed=11)[0]
-    gm = trace(block, x)
+    inputs = [*randn(3, 16, seed=11), *randn(16, n=2, seed=12), *randn(16, 16, seed=13)]
+    gm = trace(block, *inputs)
     assert run_pass(fuse_rms_norm(), gm).stats["matches"] == 2
     assert op_counts(gm).get("aten.rsqrt.default", 0) == 0
     assert_topological(gm)
     # Two matmuls of 16 terms around the norms: the norms are identical computations, so any
     # difference is reduction order inside rms_norm (~1e-6 relative), amplified by |proj| ~ 4.
-    torch.testing.assert_close(gm(x), block(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gm(*inputs), block(*inputs), rtol=1e-5, atol=1e-5)
 
 
 # -- (e) no rewrite across a mutation -------------------------------------------------------------
@@ -428,7 +427,7 @@ def _fma_replace(x, y, z):
 
 
 def _fma_pass() -> PatternPass:
-    return PatternPass("fma", _fma_search, _fma_replace, [torch.empty(4)] * 3)
+    return PatternPass("fma", _fma_search, _fma_replace, [torch.empty(4) for _ in range(3)])
 
 
 def _mutate_add(x, y, z, w):
@@ -556,7 +555,7 @@ def test_a_non_commutative_op_does_not_match_swapped():
     def replace(x, y, z):
         return torch.addcmul(-z, x, y)
 
-    p = PatternPass("fms", search, replace, [torch.empty(4)] * 3)
+    p = PatternPass("fms", search, replace, [torch.empty(4) for _ in range(3)])
     inputs = randn(16, n=3, seed=17)
     gm = trace(lambda x, y, z: z - x * y, *inputs)
     assert run_pass(p, gm).stats["matches"] == 0
@@ -569,7 +568,22 @@ def test_pattern_construction_errors():
     with pytest.raises(ValueError, match="example inputs"):
         Pattern(_fma_search, _fma_replace, [torch.empty(4)])
     with pytest.raises(ValueError, match="replacement"):
-        PatternPass("p", _fma_search, None, [torch.empty(4)] * 3)
+        PatternPass("p", _fma_search, None, [torch.empty(4) for _ in range(3)])
     with pytest.raises(ValueError, match="no pattern"):
         PatternPass("p")
 
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library bug: Pattern traces with the example tensors as given, and make_fx maps one "
+    "tensor object to one graph value, so `[torch.empty(4)] * 3` (the same tensor three times) "
+    "silently traces x * y + z as z * z + z, which never matches x * y + z",
+)
+def test_pattern_traced_from_one_example_tensor_repeated_still_has_distinct_inputs():
+    example = torch.empty(4)
+    p = PatternPass("fma", _fma_search, _fma_replace, [example] * 3)
+    inputs = randn(16, n=3, seed=18)
+    gm = trace(lambda x, y, z: x * y + z, *inputs)
+    assert run_pass(p, gm).stats["matches"] == 1
+    torch.testing.assert_close(gm(*inputs), inputs[0] * inputs[1] + inputs[2], **ELEMENTWISE)
