@@ -573,7 +573,6 @@ def test_pattern_construction_errors():
         PatternPass("p")
 
 
-
 @pytest.mark.xfail(
     strict=True,
     reason="library bug: Pattern traces with the example tensors as given, and make_fx maps one "
