@@ -71,12 +71,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"optimize: {msg}", file=sys.stderr, flush=True))
 
     # Validate everything the user typed before any slow work.
-    from compiler.budget import parse_budget
     from compiler.capture import capture_export, split_example_inputs
     from compiler.driver import CompileOptions, compile_graph, write_artifacts
     from compiler.passes import default_pipeline
 
-    options = CompileOptions.make(args.target, parse_budget(args.budget), args.passes, args.disable)
+    options = CompileOptions.make(args.target, args.budget, args.passes, args.disable)
     pipeline = default_pipeline()
     pipeline.check_names(options.passes)
     pipeline.check_names(options.disable)

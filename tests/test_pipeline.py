@@ -49,18 +49,28 @@ class LogPass(Pass):
         return PassResult()
 
 
-class AddToSub(Pass):
-    """A wrong 'lossless' pass: every aten.add.Tensor becomes aten.sub.Tensor."""
+class _RewriteAdds(Pass):
+    """A broken 'lossless' pass: `rewrite` changes every aten.add.Tensor node."""
 
-    name = "add_to_sub"
+    def rewrite(self, node: fx.Node) -> str:
+        raise NotImplementedError
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target == aten.add.Tensor:
-                node.target = aten.sub.Tensor
-                result.record(f"{node.name}: add -> sub")
+                result.record(self.rewrite(node))
         return result
+
+
+class AddToSub(_RewriteAdds):
+    """Every aten.add.Tensor becomes aten.sub.Tensor."""
+
+    name = "add_to_sub"
+
+    def rewrite(self, node: fx.Node) -> str:
+        node.target = aten.sub.Tensor
+        return f"{node.name}: add -> sub"
 
 
 class LossyAddToSub(AddToSub):
@@ -270,18 +280,14 @@ def test_verify_numerics_needs_sample_inputs():
         Pipeline([LogPass("p", [])]).run(gm, PassContext(instruments=[VerifyNumericsInstrument()]))
 
 
-class NaNPass(Pass):
-    """A broken 'lossless' pass: x + y becomes x + nan."""
+class NaNPass(_RewriteAdds):
+    """x + y becomes x + nan."""
 
     name = "nan_pass"
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult()
-        for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target == aten.add.Tensor:
-                node.args = (node.args[0], float("nan"))
-                result.record("poisoned")
-        return result
+    def rewrite(self, node: fx.Node) -> str:
+        node.args = (node.args[0], float("nan"))
+        return "poisoned"
 
 
 @pytest.mark.xfail(

@@ -222,7 +222,7 @@ class Pattern:
         """The node before which the replacement goes; raises _NoMatch when there is none."""
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         matched = m.graph_nodes()
-        inputs = [n for n in m.inputs()]
+        inputs = m.inputs()
         outputs = {m.nodes[o] for o in self.outputs}
         inside = set(matched)
         outside_users = [u for o in outputs for u in o.users if u not in inside]
@@ -282,8 +282,9 @@ class Pattern:
         propagate_meta(gm, new_nodes)
         for po, ro in zip(self.outputs, replacement_outputs):
             m.nodes[po].replace_all_uses_with(env[ro] if isinstance(ro, fx.Node) else ro)
+        matched = set(m.graph_nodes())
         for g in reversed(list(gm.graph.nodes)):
-            if g in set(m.graph_nodes()) and not g.users:
+            if g in matched and not g.users:
                 gm.graph.erase_node(g)
         return new_nodes
 
