@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from compiler.cost_model.rules import OpCost, TensorInfo, attention_work
 from compiler.ops.registry import compiler_op
 
 
@@ -20,7 +21,13 @@ def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: O
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-@compiler_op("causal_attention", fake=_fake)
+def _cost(q: TensorInfo, k: TensorInfo, v: TensorInfo, key_padding_mask: Optional[TensorInfo], scale: float) -> OpCost:
+    # priced as the common all-ones case: is_causal SDPA on unrepeated K/V
+    out = TensorInfo((*q.shape[:-1], v.shape[-1]), q.dtype)
+    return OpCost(attention_work(q, k, v, [out], causal=True), "attention")
+
+
+@compiler_op("causal_attention", fake=_fake, cost=_cost)
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], scale: float
 ) -> torch.Tensor:

@@ -8,7 +8,9 @@ the project's own namespace (`torch.ops.compiler.*`) with
 - a fake implementation, so shapes propagate through FakeTensor and export;
 - one lowering per codegen backend (`"triton"`, `"tvm"`), each turning one call site into a
   `Kernel`: readable source plus, where it can run on this machine, a callable;
-- a cost declaration for the cost model (added by the cost model issue).
+- a cost declaration: `cost(*args)` returns the `compiler.cost_model.OpCost` of one call from
+  its arguments described as `compiler.cost_model.TensorInfo` shapes (ints or sympy), so the cost
+  model prices the op, symbolically in sequence length, without running it.
 
 The lowering table is keyed by (op, backend) and lives on the op object itself; the op names
 are qualified by our namespace, so two libraries cannot collide in it.
@@ -62,6 +64,7 @@ class CompilerOp:
     reference: Callable[..., Any]
     overload: torch._ops.OpOverload
     lowerings: dict[str, Lowering] = field(default_factory=dict)
+    cost: Callable[..., Any] | None = None
 
     def register_lowering(self, backend: str) -> Callable[[Lowering], Lowering]:
         def decorate(fn: Lowering) -> Lowering:
@@ -79,7 +82,7 @@ class CompilerOp:
 _OPS: dict[str, CompilerOp] = {}
 
 
-def compiler_op(name: str, *, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], CompilerOp]:
+def compiler_op(name: str, *, fake: Callable[..., Any], cost: Callable[..., Any] | None = None) -> Callable[[Callable[..., Any]], CompilerOp]:
     """Define `torch.ops.compiler.<name>` from its typed reference implementation.
 
     The schema is inferred from the reference's annotations (torch.library.custom_op), so the
@@ -91,7 +94,7 @@ def compiler_op(name: str, *, fake: Callable[..., Any]) -> Callable[[Callable[..
             raise ValueError(f"compiler::{name} is defined twice")
         custom = torch.library.custom_op(f"{NAMESPACE}::{name}", reference, mutates_args=())
         custom.register_fake(fake)
-        op = CompilerOp(name, reference, getattr(getattr(torch.ops, NAMESPACE), name).default)
+        op = CompilerOp(name, reference, getattr(getattr(torch.ops, NAMESPACE), name).default, cost=cost)
         _OPS[name] = op
         return op
 

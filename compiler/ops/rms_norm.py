@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from compiler.errors import Unsupported
+from compiler.cost_model.rules import OpCost, TensorInfo
+from compiler.cost_model.work import Work
 from compiler.ops.registry import compiler_op
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -19,7 +21,12 @@ def _fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
-@compiler_op("rms_norm", fake=_fake)
+def _cost(x: TensorInfo, weight: TensorInfo, eps: float) -> OpCost:
+    # one pass over x: square, mean, rsqrt, scale, weight
+    return OpCost(Work(vector_flops=4 * x.numel, bytes_read=x.nbytes + weight.nbytes, bytes_written=x.nbytes), "norm")
+
+
+@compiler_op("rms_norm", fake=_fake, cost=_cost)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.to(torch.float32)
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
