@@ -91,6 +91,8 @@ def capture_export(
     if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in kwargs:
         fixed["use_cache"] = False
     kwargs.update(fixed)
+    if isinstance(dynamic_shapes, dict) and fixed:
+        dynamic_shapes = {**dynamic_shapes, **{k: None for k in fixed}}
     try:
         with torch.no_grad():
             ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)

@@ -13,6 +13,7 @@ sympy expressions; `.at(bindings)` substitutes numbers, with symbols named by st
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence, Union
 
@@ -83,6 +84,7 @@ class GraphEstimate:
 
     target: str
     estimates: tuple[Estimate, ...]
+    sources: Mapping[str, sympy.Symbol] = field(default_factory=dict)
 
     @property
     def time(self) -> Expr:
@@ -108,7 +110,10 @@ class GraphEstimate:
         return counts
 
     def at(self, bindings: Bindings) -> GraphEstimate:
-        return GraphEstimate(self.target, tuple(e.at(bindings) for e in self.estimates))
+        """Numbers for symbols, named by Symbol, by name ("s53") or by the input size they
+        stand for ("input_ids.size(1)", see `shape_symbols`)."""
+        named = {self.sources[k] if isinstance(k, str) and k in self.sources else k: v for k, v in bindings.items()}
+        return GraphEstimate(self.target, tuple(e.at(named) for e in self.estimates), self.sources)
 
     def kernels(self) -> list[Estimate]:
         """Estimates that launch something, most expensive first (numeric graphs only)."""
@@ -176,7 +181,8 @@ class CostModel:
         return self.estimate(work, label, "fused", category)
 
     def graph(self, gm: fx.GraphModule) -> GraphEstimate:
-        return GraphEstimate(self.target.name, tuple(self.node(n) for n in gm.graph.nodes if n.op == "call_function"))
+        nodes = tuple(self.node(n) for n in gm.graph.nodes if n.op == "call_function")
+        return GraphEstimate(self.target.name, nodes, shape_symbols(gm))
 
     def compare(self, before: Any, after: Any, bindings: Bindings | None = None) -> Comparison:
         """Before vs after a rewrite; each side a GraphModule, a GraphEstimate, an Estimate, or
@@ -230,17 +236,23 @@ def resolve(bindings: Bindings, free: set[sympy.Symbol]) -> dict[sympy.Symbol, A
 
 
 def shape_symbols(gm: fx.GraphModule) -> dict[str, sympy.Symbol]:
-    """The graph's shape symbols by where they come from, e.g. {"input_ids.size(1)": s0}."""
+    """The graph's shape symbols by the input size they stand for, e.g.
+    {"input_ids.size(1)": s53}; sizes the capture proved equal share one symbol."""
     from compiler.ir import fake_mode_of
 
     try:
         env = fake_mode_of(gm).shape_env
     except Exception:  # a static graph has no shape environment
         return {}
+    if env is None:
+        return {}
     out = {}
     for sym, sources in getattr(env, "var_to_sources", {}).items():
-        if sources:
-            out[sources[0].name()] = sym
+        for source in sources:
+            name = source.name() if callable(source.name) else source.name
+            expr = env.replace(sym)
+            if isinstance(expr, sympy.Symbol):
+                out[re.sub(r"L\['(\w+)'\]\.size\(\)\[(\d+)\]", r"\1.size(\2)", name)] = expr
     return out
 
 
