@@ -12,6 +12,7 @@ Units are in the key names (`_tflops`, `_gbps`, `_us`, ...) so a file reads with
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,9 +116,8 @@ def parse_target(data: dict[str, Any], where: str = "target") -> Target:
         raise UserInputError(f"{where}: field 'codegen' must be one of {_CODEGENS}, got {base['codegen']!r}")
     if base["device"] not in _DEVICES:
         raise UserInputError(f"{where}: field 'device' must be one of {_DEVICES}, got {base['device']!r}")
-    calibrate = data.get("calibrate", False)
-    if not isinstance(calibrate, bool):
-        raise UserInputError(f"{where}: field 'calibrate' must be true or false")
+    fields.known(("name", "description", "device", "codegen", "tvm_target", "calibrate", "hardware"))
+    calibrate = fields.boolean("calibrate")
     if "hardware" not in data:
         if not calibrate:
             raise UserInputError(f"{where}: field 'hardware' is missing; add a [hardware] table or set calibrate = true")
@@ -125,15 +125,21 @@ def parse_target(data: dict[str, Any], where: str = "target") -> Target:
     return Target(**base, hardware=parse_hardware(fields.table("hardware")), calibrate=calibrate)
 
 
+_HARDWARE_KEYS = (
+    "vector_tflops", "transcendental_tops", "memory_bandwidth_gbps", "memory_gb", "launch_overhead_us",
+    "compute_units", "cache_mib", "cache_bandwidth_gbps", "shared_memory_per_unit_kib", "l2_mib",
+    "measured", "matmul_tflops", "achievable",
+)
+
+
 def parse_hardware(hw: _Fields) -> Hardware:
+    hw.known(_HARDWARE_KEYS)
     matmul = hw.table("matmul_tflops")
+    matmul.known(MATMUL_DTYPES, what="dtype")
+    matmul.number("fp32")  # required: every target has an fp32 rate
     flops = {d: matmul.number(d) * 1e12 for d in MATMUL_DTYPES if d in matmul.data}
-    if "fp32" not in flops:
-        matmul.number("fp32")  # raises, naming the field
-    for d in matmul.data:
-        if d not in MATMUL_DTYPES:
-            raise UserInputError(f"{matmul.where}: unknown dtype {d!r}; use one of {MATMUL_DTYPES}")
     achievable = hw.table("achievable")
+    achievable.known(("matmul", "vector", "memory"))
     caches = ()
     if "cache_mib" in hw.data or "cache_bandwidth_gbps" in hw.data:
         caches = ((hw.number("cache_mib") * 2**20, hw.number("cache_bandwidth_gbps") * 1e9),)
@@ -144,12 +150,12 @@ def parse_hardware(hw: _Fields) -> Hardware:
         memory_bandwidth=hw.number("memory_bandwidth_gbps") * 1e9,
         memory_bytes=hw.number("memory_gb") * 1e9,
         launch_overhead=hw.number("launch_overhead_us") * 1e-6,
-        compute_units=int(hw.number("compute_units")),
+        compute_units=hw.integer("compute_units"),
         achievable={k: achievable.fraction(k) for k in ("matmul", "vector", "memory")},
         caches=caches,
         shared_memory_per_unit=hw.number("shared_memory_per_unit_kib", optional=True) * 2**10,
         l2_bytes=hw.number("l2_mib", optional=True) * 2**20,
-        measured=bool(hw.data.get("measured", False)),
+        measured=hw.boolean("measured"),
     )
 
 
@@ -176,9 +182,27 @@ class _Fields:
             return 0.0
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserInputError(f"{self.where}: field {self._name(key)!r} is missing or not a number")
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise UserInputError(f"{self.where}: field {self._name(key)!r} must be positive, got {value}")
         return float(value)
+
+    def integer(self, key: str) -> int:
+        value = self.number(key)
+        if not float(value).is_integer():
+            raise UserInputError(f"{self.where}: field {self._name(key)!r} must be a whole number, got {value}")
+        return int(value)
+
+    def boolean(self, key: str) -> bool:
+        value = self.data.get(key, False)
+        if not isinstance(value, bool):
+            raise UserInputError(f"{self.where}: field {self._name(key)!r} must be true or false, got {value!r}")
+        return value
+
+    def known(self, keys: tuple[str, ...], what: str = "field") -> None:
+        """Reject keys outside `keys`: a misspelt optional field must not silently become 0."""
+        for key in self.data:
+            if key not in keys:
+                raise UserInputError(f"{self.where}: unknown {what} {key!r} (field {self._name(key)!r}); expected one of {', '.join(keys)}")
 
     def fraction(self, key: str) -> float:
         value = self.number(key)
