@@ -4,7 +4,8 @@ MODEL.py defines `model()` and `example_inputs()` (a tensor, a tuple of args or 
 kwargs), optionally `calibration_batches()` and `evaluation_batches()`. The CLI captures the
 model, runs the pipeline for the target, generates kernels and writes into DIR: `graph.txt`
 (the optimized graph), `kernels/` (generated sources), `plan.json` (passes, what each changed,
-timings, the check against eager) and `report.md`.
+timings, the check against eager, the predicted cost), `report.md`, and the cost model's
+prediction before and after the passes: `cost.json` and `roofline.png`.
 
 User errors print one line and exit with status 2; no tracebacks for them.
 """
@@ -113,7 +114,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     plan_path.write_text(json.dumps(plan, indent=2, default=str))
     with (out / "report.md").open("a") as report:
         report.write(f"\n## Check against eager\n\nMax abs error of the outputs on example_inputs(): {error:.3g}\n")
-    say(f"max abs error vs eager: {error:.3g}; wrote {out}/ (graph.txt, kernels/, plan.json, report.md)")
+    say(result.cost.summary())
+    written = ", ".join(p.name + ("/" if p.is_dir() else "") for p in sorted(out.iterdir()))
+    say(f"max abs error vs eager: {error:.3g}; wrote {out}/ ({written})")
     if args.json:
         print(json.dumps(plan, indent=2, default=str))
     return 0

@@ -4,8 +4,9 @@
        --codegen[target]--> executable graph (kernels where they exist, ATen elsewhere)
        --> CompiledModule: callable, plus what happened (pass records, kernels, fallbacks)
 
-`compile_graph` does the work on a captured graph; `write_artifacts` puts the readable
-results (graph, kernel sources, plan.json, report.md) in a folder.
+`compile_graph` does the work on a captured graph, and prices the graph before and after the
+passes with the target's cost model; `write_artifacts` puts the readable results (graph,
+kernel sources, plan.json, report.md, cost.json, roofline.png) in a folder.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch.fx as fx
 from compiler.budget import Budget, parse_budget
 from compiler.capture import Captured
 from compiler.codegen import CodegenReport, lower_graph
+from compiler.cost_model import CostModel
+from compiler.cost_model.report import CostReport
 from compiler.ir import graph_text, op_counts
 from compiler.passes import default_pipeline
 from compiler.passes.pipeline import (
@@ -87,6 +90,7 @@ class CompileResult:
     records: list[PassRecord]
     codegen: CodegenReport
     seconds: float
+    cost: CostReport
 
     def plan(self) -> dict[str, Any]:
         return {
@@ -97,12 +101,15 @@ class CompileResult:
             "codegen_report": self.codegen.as_dict(),
             "compile_seconds": round(self.seconds, 3),
             "ops_after": op_counts(self.ir),
+            "cost": self.cost.plan_entry(),
         }
 
 
 def compile_graph(gm: fx.GraphModule, options: CompileOptions, sample_inputs: Sequence[Any] | None = None) -> CompileResult:
-    """Run the passes on `gm` (in place) and generate code for the target."""
+    """Run the passes on `gm` (in place) and generate code for the target; the cost model
+    prices the graph before and after the passes."""
     start = time.perf_counter()
+    before = CostModel(options.target).graph(gm)
     pipeline = options.pipeline or default_pipeline()
     instruments = []
     if options.verify and sample_inputs is not None:
@@ -118,8 +125,9 @@ def compile_graph(gm: fx.GraphModule, options: CompileOptions, sample_inputs: Se
         instruments=instruments,
     )
     records = pipeline.run(gm, ctx)
+    cost = CostReport.make(options.target, before, CostModel(options.target).graph(gm), gm, sample_inputs)
     executable, report = lower_graph(gm, options.target)
-    return CompileResult(gm, executable, options.target, options.budget, records, report, time.perf_counter() - start)
+    return CompileResult(gm, executable, options.target, options.budget, records, report, time.perf_counter() - start, cost)
 
 
 class CompiledModule(torch.nn.Module):
@@ -141,7 +149,7 @@ class CompiledModule(torch.nn.Module):
         return write_artifacts(self.result, directory)
 
 
-def _report_markdown(result: CompileResult) -> str:
+def _report_markdown(result: CompileResult, plot: str | None) -> str:
     lines = [
         f"# Compilation report: target `{result.target.name}` ({result.target.description})",
         "",
@@ -166,14 +174,16 @@ def _report_markdown(result: CompileResult) -> str:
     lines += ["", "## Left to ATen", ""]
     lines += [f"- x{n}: {reason}" for reason, n in result.codegen.fallback_summary().items()]
     lines += [f"- `{op}` x{n}" for op, n in result.codegen.aten_ops.items()]
-    return "\n".join(lines) + "\n"
+    lines += ["", result.cost.markdown(plot)]
+    return "\n".join(lines)
 
 
 _SUFFIX = {"python": ".py", "cuda": ".cu", "c": ".c", "tvmscript": ".py", "llvm": ".ll"}
 
 
 def write_artifacts(result: CompileResult, directory: str | Path) -> Path:
-    """Write graph.txt, kernels/, plan.json and report.md into `directory`."""
+    """Write graph.txt, kernels/, plan.json, report.md, cost.json and roofline.png (when the
+    graph's cost is numeric) into `directory`."""
     out = Path(directory)
     kernels = out / "kernels"
     kernels.mkdir(parents=True, exist_ok=True)
@@ -181,5 +191,6 @@ def write_artifacts(result: CompileResult, directory: str | Path) -> Path:
     for k in result.codegen.kernels:
         (kernels / f"{k.name}.{k.backend}{_SUFFIX.get(k.language, '.txt')}").write_text(k.source)
     (out / "plan.json").write_text(json.dumps(result.plan(), indent=2, default=str))
-    (out / "report.md").write_text(_report_markdown(result))
+    plot = result.cost.write(out)
+    (out / "report.md").write_text(_report_markdown(result, plot))
     return out

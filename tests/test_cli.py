@@ -1,5 +1,6 @@
 """Tests of the `optimize` CLI (compiler.cli), run in-process through `main([...])`: the
-artifacts of a tiny Llama for a GPU target (Triton) and the host (TVM), the one-line errors
+artifacts of a tiny Llama for a GPU target (Triton) and the host (TVM), the cost report (table
+in report.md, cost.json, roofline.png, the summary line), the one-line errors
 (exit status 2, no traceback) for each kind of bad input, and the installed console script."""
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +70,7 @@ def cli_run(request, workdir):
 def test_cli_exits_zero_and_writes_every_artifact(cli_run):
     target, code, out, _, stderr = cli_run
     assert code == 0, stderr
-    assert sorted(p.name for p in out.iterdir()) == ["graph.txt", "kernels", "plan.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["cost.json", "graph.txt", "kernels", "plan.json", "report.md", "roofline.png"]
     assert "Traceback" not in stderr
     # graph.txt is the optimized graph: the fused op is there, the decomposed norm is not.
     graph = (out / "graph.txt").read_text()
@@ -103,6 +106,37 @@ def test_cli_plan_records_passes_and_the_check_against_eager(cli_run):
     report = (out / "report.md").read_text()
     assert report.startswith(f"# Compilation report: target `{target}`")
     assert "## Check against eager" in report and "fuse_rms_norm" in report
+
+
+def test_cli_writes_the_cost_report(cli_run):
+    target, code, out, _, stderr = cli_run
+    assert code == 0
+    cost = json.loads((out / "cost.json").read_text())
+    assert cost["target"] == target
+    rows = {r["category"]: r for r in cost["categories"]}
+    assert list(rows) == ["attention", "linear", "norm", "elementwise", "other", "total"]
+    for side in ("before", "after"):
+        parts = [r[f"{side}_launches"] for c, r in rows.items() if c != "total"]
+        assert sum(parts) == rows["total"][f"{side}_launches"] == cost["launches"][side]
+        assert sum(r[f"{side}_s"] for c, r in rows.items() if c != "total") == pytest.approx(cost["predicted_seconds"][side], rel=1e-12)
+    # plan.json carries the totals; the passes (RMSNorm, attention fusion) cut launches
+    plan = json.loads((out / "plan.json").read_text())["cost"]
+    assert plan["predicted_seconds"] == cost["predicted_seconds"]
+    assert plan["predicted_speedup"] == pytest.approx(cost["predicted_seconds"]["before"] / cost["predicted_seconds"]["after"])
+    assert plan["launches"]["after"] < plan["launches"]["before"]
+    assert set(plan["by_category"]) == set(rows) - {"total"}
+    # report.md has the table and shows the plot
+    report = (out / "report.md").read_text()
+    assert f"## Predicted cost ({target})" in report
+    assert "| category | before | after | share | launches before | launches after |" in report
+    assert "| **total** |" in report and "`aten.mm`" in report
+    assert f"![Roofline on {target}](roofline.png)" in report
+    png = (out / "roofline.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1000, 650)
+    # one summary line on stderr
+    summary = [line for line in stderr.splitlines() if line.startswith("optimize: cost model")]
+    assert len(summary) == 1
+    assert re.fullmatch(rf"optimize: cost model \({target}\): predicted [\d.]+ \w+ -> [\d.]+ \w+ \([\d.]+x\); \d+ -> \d+ launches", summary[0]), summary[0]
 
 
 # -- bad inputs: one line, exit status 2 ----------------------------------------------------------

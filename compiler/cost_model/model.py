@@ -271,7 +271,14 @@ def _free(v: Expr) -> set[sympy.Symbol]:
 
 
 def _sum(values: Iterable[Expr]) -> Expr:
-    return _simplify(sum(values, sympy.Integer(0)))
+    """Sum in floats while every value is a number (fast), in sympy once one is symbolic."""
+    total: Expr = 0.0
+    for v in values:
+        if isinstance(v, sympy.Basic) and not v.is_number:
+            total = total + v
+        else:
+            total = total + float(v)
+    return _simplify(total)
 
 
 def _simplify(v: Expr) -> Expr:
