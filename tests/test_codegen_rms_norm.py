@@ -158,6 +158,22 @@ def test_tvm_n_without_vector_lanes():
     _check(_lower("tvm", x, weight), x, weight, FP32)
 
 
+@pytest.mark.parametrize("n", [2, 4, 8, 16])
+def test_tvm_narrow_rows(n):
+    # N at most the host's fp32 lanes: the row is one vector (lanes = N), or split when wider.
+    x, weight = _inputs((5, n))
+    _check(_lower("tvm", x, weight), x, weight, FP32)
+
+
+@pytest.mark.parametrize("n, lanes", [(4, 4), (16, 16), (32, 8)])
+def test_tvm_host_schedule_vectorizes_rows_of_any_lane_multiple(n, lanes):
+    """Whatever this host's vectors: a row of one vector or of several, reduction and scaling vectorized."""
+    from compiler.codegen.tvm.rms_norm import _rms_norm_primfunc, _schedule_host
+
+    func = _schedule_host(_rms_norm_primfunc(n, "float32", "float32", "float32"), n, lanes)
+    assert func.script().count(f"T.vectorized({lanes})") == 2
+
+
 def test_tvm_builds_once_and_reuses_memory_then_disk(tmp_path, monkeypatch):
     compiles = []
     real_compile = build._compile

@@ -259,28 +259,39 @@ def test_scalar_wildcard_bound_inconsistently_is_refused_and_explained():
     assert nodes_with(gm, aten.full_like.default) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a replacement that computes with a scalar wildcard (1 / s) bakes the "
-    "traced sentinel into the graph instead of the bound value, silently; it should be bound or "
-    "rejected when the Pattern is built",
-)
-def test_replacement_deriving_a_value_from_a_scalar_wildcard_is_bound_or_rejected():
+def _scale_pass() -> PatternPass:
     def search(x, s):
         return x * s
 
     def replace(x, s):
         return x / (1 / s)
 
-    try:
-        p = PatternPass("scale", search, replace, [torch.empty(4)], scalars={"s": 1.0})
-    except ValueError:
-        return  # rejecting such a replacement up front is an acceptable answer
+    return PatternPass("scale", search, replace, [torch.empty(4)], scalars={"s": 1.0})
+
+
+def test_replacement_computing_with_a_scalar_wildcard_uses_the_bound_value():
     x = randn(8, seed=7)[0]
     gm = trace(lambda t: t * 0.5, x)
-    run_pass(p, gm)
+    assert run_pass(_scale_pass(), gm).stats["matches"] == 1
+    (div,) = nodes_with(gm, aten.div.Tensor)
+    assert div.args[1] == 2.0 and nodes_with(gm, aten.mul.Tensor) == []
     # x / (1 / 0.5) == x * 0.5 up to one rounding of each operation.
     torch.testing.assert_close(gm(x), x * 0.5, rtol=1e-6, atol=1e-7)
+
+
+def test_replacement_is_traced_per_bound_value():
+    """Two matches binding different values each compute with their own."""
+    x = randn(8, seed=8)[0]
+    gm = trace(lambda t: (t * 0.5) * 0.25, x)
+    assert run_pass(_scale_pass(), gm).stats["matches"] == 2
+    assert sorted(n.args[1] for n in nodes_with(gm, aten.div.Tensor)) == [2.0, 4.0]
+    torch.testing.assert_close(gm(x), (x * 0.5) * 0.25, rtol=1e-6, atol=1e-7)
+
+
+def test_search_computing_with_a_scalar_wildcard_is_rejected():
+    """`x * (s * 2)` holds the literal 2s, which no graph literal could bind s to."""
+    with pytest.raises(ValueError, match=r"scalars \['s'\].*cannot bind"):
+        Pattern(lambda x, s: x * (s * 2), lambda x, s: x * s * 2, [torch.empty(4)], scalars={"s": 1.0})
 
 
 # -- (c) multi-output patterns --------------------------------------------------------------------
@@ -573,12 +584,6 @@ def test_pattern_construction_errors():
         PatternPass("p")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: Pattern traces with the example tensors as given, and make_fx maps one "
-    "tensor object to one graph value, so `[torch.empty(4)] * 3` (the same tensor three times) "
-    "silently traces x * y + z as z * z + z, which never matches x * y + z",
-)
 def test_pattern_traced_from_one_example_tensor_repeated_still_has_distinct_inputs():
     example = torch.empty(4)
     p = PatternPass("fma", _fma_search, _fma_replace, [example] * 3)

@@ -28,7 +28,7 @@ from compiler.passes import (
     as_inductor_pass,
     default_pipeline,
 )
-from compiler.passes.fusion.rms_norm import fuse_rms_norm, rms_norm_replace
+from compiler.passes.fusion.rms_norm import fuse_rms_norm, rms_norm_replace, rms_norm_search
 
 aten = torch.ops.aten
 
@@ -281,25 +281,65 @@ def test_verify_numerics_needs_sample_inputs():
 
 
 class NaNPass(_RewriteAdds):
-    """x + y becomes x + nan."""
+    """x + y becomes x + value (NaN by default, or an infinity)."""
 
     name = "nan_pass"
 
+    def __init__(self, value: float = float("nan")) -> None:
+        self.value = value
+
     def rewrite(self, node: fx.Node) -> str:
-        node.args = (node.args[0], float("nan"))
+        node.args = (node.args[0], self.value)
         return "poisoned"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: VerifyNumericsInstrument folds errors with Python max(), and "
-    "max(0.0, nan) is 0.0, so a lossless pass that turns outputs into NaN passes verification",
-)
-def test_verify_numerics_raises_for_a_pass_that_produces_nan():
+class DropFirstAddend(_RewriteAdds):
+    """x + y becomes y + y: wrong, and it hides any NaN or inf that x carries."""
+
+    name = "drop_first_addend"
+
+    def rewrite(self, node: fx.Node) -> str:
+        node.args = (node.args[1], node.args[1])
+        return "dropped x"
+
+
+class SwapAddends(_RewriteAdds):
+    """x + y becomes y + x: exact, NaN and inf included."""
+
+    name = "swap_addends"
+
+    def rewrite(self, node: fx.Node) -> str:
+        node.args = (node.args[1], node.args[0])
+        return "swapped"
+
+
+def with_non_finite(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[0, 0], x[1, 1], x[2, 2] = float("nan"), float("inf"), float("-inf")
+    return x
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_verify_numerics_raises_for_a_pass_that_produces_nan_or_inf(value):
     gm, inputs = small_graph()
     inst = VerifyNumericsInstrument(inputs)
     with pytest.raises(PassError, match="nan_pass"):
-        Pipeline([NaNPass()]).run(gm, PassContext(instruments=[inst]))
+        Pipeline([NaNPass(value)]).run(gm, PassContext(instruments=[inst]))
+
+
+def test_verify_numerics_raises_for_a_pass_that_loses_the_references_nan_and_inf():
+    gm, (x, y) = small_graph()
+    inst = VerifyNumericsInstrument([with_non_finite(x), y])
+    with pytest.raises(PassError, match="drop_first_addend"):
+        Pipeline([DropFirstAddend()]).run(gm, PassContext(instruments=[inst]))
+
+
+def test_verify_numerics_accepts_nan_and_inf_where_the_reference_has_them():
+    gm, (x, y) = small_graph()
+    inst = VerifyNumericsInstrument([with_non_finite(x), y])
+    records = Pipeline([SwapAddends()]).run(gm, PassContext(instruments=[inst]))
+    assert statuses(records) == [("swap_addends", "ran")]
+    assert inst.errors["swap_addends"] == 0.0
 
 
 # -- no shared state ------------------------------------------------------------------------------
@@ -344,12 +384,6 @@ def test_inductor_pass_uuid_is_stable_and_depends_on_the_pass():
     assert as_inductor_pass(AddToSub()).uuid() != as_inductor_pass(LossyAddToSub()).uuid()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: InductorPass.uuid hashes PatternPass.config(), which holds only the "
-    "patterns' source, not the `check` veto (nor the example-input dtypes the patterns were "
-    "traced at), so passes that rewrite differently share an Inductor cache key",
-)
 def test_inductor_pass_uuid_differs_when_a_check_vetoes_matches():
     patterns = fuse_rms_norm().patterns
     plain = PatternPass("fuse_rms_norm", patterns=patterns)
@@ -358,6 +392,27 @@ def test_inductor_pass_uuid_differs_when_a_check_vetoes_matches():
     gm_veto, _ = norm_graph()
     assert plain.run(gm_plain).stats["matches"] == 1 and vetoing.run(gm_veto).stats["matches"] == 0
     assert as_inductor_pass(plain).uuid() != as_inductor_pass(vetoing).uuid()
+
+
+def test_inductor_pass_uuid_differs_by_the_dtypes_a_pattern_was_traced_at():
+    def uuid(dtype: torch.dtype) -> str:
+        example = [torch.empty(2, 8, dtype=dtype), torch.empty(8, dtype=dtype)]
+        p = PatternPass("fuse_rms_norm", rms_norm_search, rms_norm_replace, example, scalars={"eps": 1e-6})
+        return as_inductor_pass(p).uuid()
+
+    assert uuid(torch.float32) == uuid(torch.float32) != uuid(torch.bfloat16)
+
+
+def test_inductor_pass_uuid_hashes_a_check_without_source_by_its_code():
+    def check_from_exec(body: str):
+        namespace: dict = {}
+        exec(f"def check(m):\n    return {body}", namespace)  # no file: inspect.getsource fails
+        return PatternPass("fuse_rms_norm", patterns=fuse_rms_norm().patterns, check=namespace["check"])
+
+    def uuid(body: str) -> str:
+        return as_inductor_pass(check_from_exec(body)).uuid()
+
+    assert uuid("True") == uuid("True") != uuid("'refused'")
 
 
 class NormThenLinear(torch.nn.Module):

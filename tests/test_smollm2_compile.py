@@ -15,13 +15,18 @@ from compiler.ir import op_counts
 def test_torch_compile_backend_matches_eager_on_smollm2(smollm2):
     model, inputs = smollm2.model(), smollm2.example_inputs()
     backend = CompilerBackend({"target": "host"})
+    # Dynamo remembers, per attribute source, the floats it traced in this process: after the
+    # tiny Llamas of other tests (rms_norm eps 1e-6), SmolLM2's eps 1e-5 on layers 0-1 and the
+    # final norm made those five eps graph inputs, which fuse_rms_norm cannot fuse (see
+    # test_norms_fuse_when_dynamo_makes_eps_a_graph_input): 56 of 61. Start from fresh state.
+    torch._dynamo.reset()
     with torch.no_grad():
         expected = model(**inputs, use_cache=False).logits
         got = torch.compile(model, backend=backend)(**inputs, use_cache=False).logits
+    torch._dynamo.reset()
     assert (got - expected).abs().max().item() <= 1e-4
     ops = op_counts(backend.results[-1].ir)
-    # Export fuses all 61 norms; under Dynamo 56 matched in one CI run (not yet explained: see the issue note).
-    assert ops["compiler.causal_attention.default"] == 30 and ops["compiler.rms_norm.default"] >= 56
+    assert ops["compiler.causal_attention.default"] == 30 and ops["compiler.rms_norm.default"] == 61
     assert [k.name for k in backend.results[-1].codegen.kernels] == ["rms_norm_float32_n576"]
 
 

@@ -7,7 +7,9 @@
 
 Both functions are traced with make_fx to ATen graphs, like Inductor's `register_replacement`,
 so the pattern is written in the same language as the model. Scalars named in `scalars` are
-wildcards: they are traced with a sentinel value and bind to whatever literal the graph holds.
+wildcards: the search function is traced with a sentinel value for each, which binds to whatever
+literal the graph holds there, and the replacement is traced again with the values a match bound,
+so it may compute with them (`x * (eps * 2)`).
 
 Where Inductor's matcher is weakest, this one is explicit:
 - no global state: a PatternPass is an ordinary pass object placed in a pipeline;
@@ -62,6 +64,15 @@ class _NoMatch(Exception):
     """Raised inside the matcher; its message is the explanation a user sees."""
 
 
+def _source(fn: Callable[..., Any]) -> str:
+    """The source of `fn`, or its bytecode and constants where there is none (for cache keys)."""
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        return repr(fn) if code is None else code.co_code.hex() + repr(code.co_consts)
+
+
 def _describe(node: fx.Node) -> str:
     if node.op == "call_function":
         return f"{node.target} ({node.name})"
@@ -79,11 +90,12 @@ class Pattern:
         *,
         scalars: dict[str, float] | None = None,
     ) -> None:
-        scalars = dict(scalars or {})
         self.search_fn, self.replace_fn = search, replace
-        self.sentinels = {name: _SENTINEL_BASE * (i + 1) for i, name in enumerate(scalars)}
-        self.search_graph = self._trace(search, example_inputs, scalars)
-        self.replace_graph = self._trace(replace, example_inputs, scalars)
+        self.scalars = dict(scalars or {})
+        # Traced from copies, so one tensor given twice still makes two pattern inputs.
+        self.example_inputs = [t.clone() for t in example_inputs]
+        self.sentinels = {name: _SENTINEL_BASE * (i + 1) for i, name in enumerate(self.scalars)}
+        self.search_graph = self._trace(search, self.sentinels)
         self.inputs = [n for n in self.search_graph.nodes if n.op == "placeholder"]
         out = next(n for n in self.search_graph.nodes if n.op == "output").args[0]
         self.outputs: list[fx.Node] = list(out) if isinstance(out, (tuple, list)) else [out]
@@ -91,26 +103,52 @@ class Pattern:
         for o in self.outputs:
             if not isinstance(o, fx.Node) or o.op != "call_function":
                 raise ValueError(f"pattern {search.__name__}: every output must be computed by an op")
+        leaves: list[Any] = []
+        for n in self.search_graph.nodes:
+            fx.node.map_aggregate((n.args, n.kwargs), leaves.append)
+        literals = {v for v in leaves if isinstance(v, float)}
+        unbindable = [name for name, s in self.sentinels.items() if s not in literals]
+        if unbindable:
+            raise ValueError(
+                f"pattern {search.__name__}: scalars {unbindable} are not passed as they are to an op, so they cannot bind"
+            )
+        self._replace_graphs: dict[tuple[str, ...], fx.Graph] = {}
+        self.replace_graph(self.scalars)  # fails here, not at the first match, if it cannot trace
 
-    def _trace(self, fn: Callable[..., Any], example_inputs: Sequence[torch.Tensor], scalars: dict[str, float]) -> fx.Graph:
+    def _trace(self, fn: Callable[..., Any], scalars: dict[str, Any]) -> fx.Graph:
         params = list(inspect.signature(fn).parameters)
         unknown = set(scalars) - set(params)
         if unknown:
             raise ValueError(f"{fn.__name__}: scalars {sorted(unknown)} are not parameters of the function")
         tensor_params = [p for p in params if p not in scalars]
-        if len(tensor_params) != len(example_inputs):
+        if len(tensor_params) != len(self.example_inputs):
             raise ValueError(
-                f"{fn.__name__}: {len(tensor_params)} tensor parameters but {len(example_inputs)} example inputs"
+                f"{fn.__name__}: {len(tensor_params)} tensor parameters but {len(self.example_inputs)} example inputs"
             )
 
         def bound(*tensors: torch.Tensor) -> Any:
-            kwargs = dict(zip(tensor_params, tensors))
-            kwargs.update({name: self.sentinels[name] for name in scalars})
-            return fn(**kwargs)
+            return fn(**dict(zip(tensor_params, tensors)), **scalars)
 
-        gm = make_fx(bound, tracing_mode="fake")(*example_inputs)
+        gm = make_fx(bound, tracing_mode="fake")(*self.example_inputs)
         gm.graph.eliminate_dead_code()
         return gm.graph
+
+    def replace_graph(self, scalars: dict[str, Any]) -> fx.Graph:
+        """The replacement traced with these scalar values (a match's, or the declared examples)."""
+        values = {name: scalars[name] for name in self.scalars}
+        key = tuple(repr(v) for v in values.values())  # 1 and 1.0, 0.0 and -0.0 trace differently
+        if key not in self._replace_graphs:
+            self._replace_graphs[key] = self._trace(self.replace_fn, values)
+        return self._replace_graphs[key]
+
+    def config(self) -> dict[str, Any]:
+        """What the traced graphs depend on: both functions, the example inputs' types, the wildcards."""
+        return {
+            "search": _source(self.search_fn),
+            "replace": _source(self.replace_fn),
+            "inputs": [f"{t.dtype}{list(t.shape)}" for t in self.example_inputs],
+            "scalars": sorted(self.scalars),
+        }
 
     # -- matching --------------------------------------------------------------------------
 
@@ -247,22 +285,14 @@ class Pattern:
     def apply(self, gm: fx.GraphModule, m: Match) -> list[fx.Node]:
         """Replace the match by the traced replacement; returns the new nodes."""
         point = self.insertion_point(gm, m)
-        replace_inputs = [n for n in self.replace_graph.nodes if n.op == "placeholder"]
+        replace_graph = self.replace_graph(m.scalars)
+        replace_inputs = [n for n in replace_graph.nodes if n.op == "placeholder"]
         env: dict[fx.Node, Any] = {r: m.nodes[p] for r, p in zip(replace_inputs, self.inputs)}
-        reverse_sentinel = {s: m.scalars[name] for name, s in self.sentinels.items() if name in m.scalars}
-
-        def bind_literal(value: Any) -> Any:
-            if isinstance(value, float) and value in reverse_sentinel:
-                return reverse_sentinel[value]
-            if isinstance(value, (list, tuple)):
-                return type(value)(bind_literal(v) for v in value)
-            return value
-
         new_nodes: list[fx.Node] = []
         replacement_outputs: list[Any] = []
         anchor_meta = m.nodes[self.outputs[0]].meta
         with gm.graph.inserting_before(point):
-            for rn in self.replace_graph.nodes:
+            for rn in replace_graph.nodes:
                 if rn.op == "placeholder":
                     continue
                 if rn.op == "output":
@@ -271,7 +301,7 @@ class Pattern:
                     continue
                 args = fx.node.map_arg(rn.args, env.__getitem__)
                 kwargs = fx.node.map_arg(rn.kwargs, env.__getitem__)
-                node = gm.graph.call_function(rn.target, bind_literal(args), bind_literal(kwargs))
+                node = gm.graph.call_function(rn.target, args, kwargs)
                 for key in ("stack_trace", "nn_module_stack"):
                     if key in anchor_meta:
                         node.meta[key] = anchor_meta[key]
@@ -370,4 +400,7 @@ class PatternPass(Pass):
         return "; ".join(reasons)
 
     def config(self) -> dict[str, Any]:
-        return {"patterns": [inspect.getsource(p.search_fn) + inspect.getsource(p.replace_fn) for p in self.patterns]}
+        return {
+            "patterns": [p.config() for p in self.patterns],
+            "check": None if self.check is None else _source(self.check),
+        }

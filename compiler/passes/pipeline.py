@@ -183,6 +183,16 @@ def _flat_tensors(out: Any) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
+def _excess(ref: torch.Tensor, new: torch.Tensor, rtol: float) -> float:
+    """The largest `|new - ref| - rtol * |ref|`; inf where NaN or inf appear in one and not the other."""
+    if not ref.numel():
+        return 0.0
+    excess = (new - ref).abs() - rtol * ref.abs()
+    # Equal values (the same inf included) and NaN in both agree; any other NaN is a disagreement.
+    agree = (new == ref) | (new.isnan() & ref.isnan())
+    return excess.masked_fill(agree, 0.0).nan_to_num(nan=float("inf")).max().item()
+
+
 class VerifyNumericsInstrument(PassInstrument):
     """Runs the graph on sample inputs before and after each pass and compares outputs.
 
@@ -217,8 +227,7 @@ class VerifyNumericsInstrument(PassInstrument):
             if ref.shape != new.shape or ref.dtype != new.dtype:
                 raise PassError(f"pass {p.name!r} changed an output from {ref.dtype}{list(ref.shape)} to {new.dtype}{list(new.shape)}")
             if ref.is_floating_point():
-                excess = ((new - ref).abs() - self.rtol * ref.abs()).max().item() if ref.numel() else 0.0
-                worst = max(worst, excess)
+                worst = max(worst, _excess(ref, new, self.rtol))
             elif not torch.equal(ref, new):
                 worst = float("inf")
         self.errors[p.name] = worst

@@ -81,7 +81,7 @@ def _lower_for_host(
     # fp32 lanes of the host's vectors, narrowed to a power of two dividing N so that no loop
     # needs a tail (a tail would keep the reduction from being vectorized).
     lanes = math.gcd(n, max(llvm_get_vector_width(target) // 32, 1))
-    scheduled = _schedule_host(func, lanes)
+    scheduled = _schedule_host(func, n, lanes)
     source = scheduled.script()
     if not req.run_here:
         return Kernel(name, "tvm", source, note="not built: the caller asked for source only")
@@ -90,25 +90,30 @@ def _lower_for_host(
     return Kernel(name, "tvm", source, runner=runner, note=f"shared library: {built.library}")
 
 
-def _schedule_host(func: Any, lanes: int) -> Any:
+def _schedule_host(func: Any, n: int, lanes: int) -> Any:
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     sumsq, y = sch.get_sblock("sumsq"), sch.get_sblock("y")
+    # A row of exactly `lanes` values is one vector: its loops are not split (compute_at would
+    # drop the outer loop of extent 1).
+    split = n > lanes
     if lanes > 1:
         # Accumulate `lanes` partial sums side by side (one vector register), then add them up.
         _, k = sch.get_loops(sumsq)
-        _, k_lane = sch.split(k, [None, lanes])
+        k_lane = sch.split(k, [None, lanes])[1] if split else k
         partial = sch.rfactor(k_lane, factor_axis=0)
     row, col = sch.get_loops(y)
     sch.compute_at(sumsq, row)
     if lanes > 1:
         sch.compute_at(partial, row)
-        _, k_lane, k_outer = sch.get_loops(partial)
-        sch.reorder(k_outer, k_lane)
+        if split:
+            _, k_lane, k_outer = sch.get_loops(partial)
+            sch.reorder(k_outer, k_lane)
+        else:
+            _, k_lane = sch.get_loops(partial)
         sch.vectorize(k_lane)
-        _, col_lane = sch.split(col, [None, lanes])
-        sch.vectorize(col_lane)
+        sch.vectorize(sch.split(col, [None, lanes])[1] if split else col)
     sch.parallel(row)
     return sch.mod["main"]
 
