@@ -109,7 +109,8 @@ def compile_graph(gm: fx.GraphModule, options: CompileOptions, sample_inputs: Se
     """Run the passes on `gm` (in place) and generate code for the target; the cost model
     prices the graph before and after the passes."""
     start = time.perf_counter()
-    before = CostModel(options.target).graph(gm)
+    cost_model = CostModel(options.target)
+    before = cost_model.graph(gm)
     pipeline = options.pipeline or default_pipeline()
     instruments = []
     if options.verify and sample_inputs is not None:
@@ -123,9 +124,10 @@ def compile_graph(gm: fx.GraphModule, options: CompileOptions, sample_inputs: Se
         disabled=options.disable,
         enabled_only=options.passes,
         instruments=instruments,
+        cost_model=cost_model,
     )
     records = pipeline.run(gm, ctx)
-    cost = CostReport.make(options.target, before, CostModel(options.target).graph(gm), gm, sample_inputs)
+    cost = CostReport.make(options.target, before, cost_model.graph(gm), gm, sample_inputs)
     executable, report = lower_graph(gm, options.target)
     return CompileResult(gm, executable, options.target, options.budget, records, report, time.perf_counter() - start, cost)
 

@@ -144,11 +144,9 @@ class CostModel:
     """Roofline estimates for one target (its hardware figures from `targets/<name>.toml`)."""
 
     target: Target
-    _cache: dict[fx.Node, OpCost] = field(default_factory=dict, repr=False)
 
     def __init__(self, target: str | Target) -> None:
         self.target = load_target(target)
-        self._cache = {}
 
     @property
     def hw(self):
@@ -211,9 +209,8 @@ class CostModel:
         return GraphEstimate(self.target.name, tuple(self.node(n) for n in x))
 
     def _cost(self, node: fx.Node) -> OpCost:
-        if node not in self._cache:
-            self._cache[node] = node_cost(node)
-        return self._cache[node]
+        # not cached: passes rewrite nodes in place, and a stale cost would mislead them
+        return node_cost(node)
 
 
 def op_name(node: fx.Node) -> str:

@@ -52,6 +52,10 @@ class PassContext:
 
     def __post_init__(self) -> None:
         self.budget = parse_budget(self.budget)
+        if self.cost_model is None and self.target is not None:
+            from compiler.cost_model import CostModel
+
+            self.cost_model = CostModel(self.target)
 
     def is_enabled(self, name: str) -> bool:
         if name in self.disabled:
