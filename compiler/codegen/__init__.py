@@ -1,8 +1,11 @@
-"""Codegen: turn each compiler-op call site into a kernel for the target's backend.
+"""Codegen: turn each compiler-op call site and each fused region into a kernel for the
+target's backend.
 
 `lower_graph` walks the IR after the passes, asks each compiler op for its lowering on the
-target's backend (`triton` for GPUs, `tvm` for the host), and builds an executable copy of the
-graph in which call sites with a runnable kernel call it. Everything else stays ATen, never
+target's backend (`triton` for GPUs, `tvm` for the host), and each fused region
+(`compiler.passes.fusion.region.FusedRegion`) for the first region lowering of that backend that
+accepts it, and builds an executable copy of the graph in which call sites with a runnable
+kernel call it. Everything else stays ATen, never
 all-or-nothing: an op with no lowering, a lowering that declines (`Unsupported`), or a kernel
 that cannot run on this machine keeps the op's reference implementation, and the report says
 which and why.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -21,6 +24,45 @@ import torch.fx as fx
 from compiler.errors import Unsupported
 from compiler.ir import arg_values, fake_mode_of
 from compiler.ops.registry import Kernel, LoweringRequest, op_for_target
+from compiler.passes.fusion.region import FusedRegion
+
+
+@dataclass(frozen=True)
+class RegionRequest:
+    """What a region lowering may look at: the region (its graph carries FakeTensor metadata),
+    the FakeTensors of its inputs, and the target. The kernel's runner takes the region's
+    inputs and returns what the region returns (one tensor, or a tuple)."""
+
+    region: FusedRegion
+    args: tuple[Any, ...]
+    target: Any
+    run_here: bool
+
+
+RegionLowering = Callable[[RegionRequest], Kernel]
+_REGION_LOWERINGS: dict[str, list[RegionLowering]] = {}
+
+
+def register_region_lowering(backend: str) -> Callable[[RegionLowering], RegionLowering]:
+    """Add a region lowering for `backend`; lowerings are tried in registration order and
+    decline a region they cannot take by raising `Unsupported`."""
+
+    def decorate(fn: RegionLowering) -> RegionLowering:
+        _REGION_LOWERINGS.setdefault(backend, []).append(fn)
+        return fn
+
+    return decorate
+
+
+def _lower_region(region: FusedRegion, args: tuple[Any, ...], target: Any) -> tuple[Kernel | None, str]:
+    """The first kernel a registered lowering makes for the region, or None and why not."""
+    reasons = []
+    for lowering in _REGION_LOWERINGS.get(target.codegen, []):
+        try:
+            return lowering(RegionRequest(region, args, target, run_here=True)), ""
+        except Unsupported as exc:
+            reasons.append(str(exc))
+    return None, "; ".join(reasons) or f"no {target.codegen} lowering for {region.kind} regions"
 
 # Importing the backends registers their lowerings; neither imports triton or tvm until a
 # lowering runs (TRITON_INTERPRET must be set before triton's first import).
@@ -60,6 +102,19 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def _use_kernel(node: fx.Node, kernel: Kernel, kernels: dict[tuple[str, str], Kernel], report: CodegenReport) -> None:
+    """Record the kernel and, when it runs on this machine, make the node call it."""
+    if (kernel.name, kernel.backend) not in kernels:
+        kernels[(kernel.name, kernel.backend)] = kernel
+        report.kernels.append(kernel)
+    if kernel.runner is None:
+        report.fallbacks.append(f"{node.name}: {kernel.note}; runs its reference")
+        return
+    node.op = "call_function"
+    node.target = kernel.runner
+    node.meta["compiler.kernel"] = kernel.name
+
+
 def lower_graph(gm: fx.GraphModule, target: Any) -> tuple[fx.GraphModule, CodegenReport]:
     """The executable graph for `target` and what codegen did. `gm` itself is not changed."""
     report = CodegenReport(target.codegen)
@@ -67,6 +122,16 @@ def lower_graph(gm: fx.GraphModule, target: Any) -> tuple[fx.GraphModule, Codege
     mode = fake_mode_of(gm) if any(op_for_target(n.target) for n in gm.graph.nodes) else None
     kernels: dict[tuple[str, str], Kernel] = {}
     for node in executable.graph.nodes:
+        if node.op == "call_module" and isinstance(executable.get_submodule(str(node.target)), FusedRegion):
+            region = executable.get_submodule(str(node.target))
+            args = tuple(a.meta["val"] if isinstance(a, fx.Node) else a for a in node.args)
+            kernel, why = _lower_region(region, args, target)
+            if kernel is None:
+                warnings.warn(f"region {node.name} ({region.kind}) runs in ATen: {why}", stacklevel=2)
+                report.fallbacks.append(f"{node.name}: {why}; region runs in ATen")
+                continue
+            _use_kernel(node, kernel, kernels, report)
+            continue
         if node.op != "call_function":
             continue
         op = op_for_target(node.target)
@@ -86,14 +151,7 @@ def lower_graph(gm: fx.GraphModule, target: Any) -> tuple[fx.GraphModule, Codege
             warnings.warn(f"compiler::{op.name} at {node.name} falls back to its reference: {exc}", stacklevel=2)
             report.fallbacks.append(f"{node.name}: {exc}; runs its reference")
             continue
-        if (kernel.name, kernel.backend) not in kernels:
-            kernels[(kernel.name, kernel.backend)] = kernel
-            report.kernels.append(kernel)
-        if kernel.runner is None:
-            report.fallbacks.append(f"{node.name}: {kernel.note}; runs its reference")
-            continue
-        node.target = kernel.runner
-        node.meta["compiler.kernel"] = kernel.name
+        _use_kernel(node, kernel, kernels, report)
     executable.recompile()
     report.aten_ops = dict(Counter(report.aten_ops).most_common())
     return executable, report

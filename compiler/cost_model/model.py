@@ -157,6 +157,9 @@ class CostModel:
         return Estimate(name, op, category, work, roofline(work, self.hw), generic)
 
     def node(self, node: fx.Node) -> Estimate:
+        region = _fused_region(node)
+        if region is not None:
+            return self.region(region.ops(), name=node.name)
         cost = self._cost(node)
         return self.estimate(cost.work, node.name, op_name(node), cost.category, cost.generic)
 
@@ -179,7 +182,7 @@ class CostModel:
         return self.estimate(work, label, "fused", category)
 
     def graph(self, gm: fx.GraphModule) -> GraphEstimate:
-        nodes = tuple(self.node(n) for n in gm.graph.nodes if n.op == "call_function")
+        nodes = tuple(self.node(n) for n in gm.graph.nodes if n.op in ("call_function", "call_module"))
         return GraphEstimate(self.target.name, nodes, shape_symbols(gm))
 
     def compare(self, before: Any, after: Any, bindings: Bindings | None = None) -> Comparison:
@@ -211,6 +214,15 @@ class CostModel:
     def _cost(self, node: fx.Node) -> OpCost:
         # not cached: passes rewrite nodes in place, and a stale cost would mislead them
         return node_cost(node)
+
+
+def _fused_region(node: fx.Node) -> Any:
+    if node.op != "call_module":
+        return None
+    from compiler.passes.fusion.region import FusedRegion
+
+    module = node.graph.owning_module.get_submodule(str(node.target))
+    return module if isinstance(module, FusedRegion) else None
 
 
 def op_name(node: fx.Node) -> str:
