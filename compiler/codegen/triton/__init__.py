@@ -1,10 +1,11 @@
-"""The Triton codegen backend: lowerings of compiler ops to Triton kernels for CUDA targets.
+"""The Triton codegen backend: lowerings of compiler ops and of fused regions (`region`) to Triton
+kernels for CUDA targets.
 
-Importing this package registers its lowerings on the compiler ops and nothing more: triton is
+Importing this package registers its lowerings and nothing more: triton is
 imported when a lowering runs, because TRITON_INTERPRET (run kernels on CPU tensors, for tests
 on machines without a GPU) must be set before triton is first imported.
 """
 
-from compiler.codegen.triton import rms_norm
+from compiler.codegen.triton import region, rms_norm
 
-__all__ = ["rms_norm"]
+__all__ = ["region", "rms_norm"]
