@@ -11,6 +11,7 @@ mutate, so adding a pass means building your own list (see docs/passes.md).
 from __future__ import annotations
 
 from compiler.passes.base import Pass, PassResult
+from compiler.passes.fusion.partition import FusePartition
 from compiler.passes.pattern import Match, Pattern, PatternPass
 from compiler.passes.pipeline import (
     DumpGraphInstrument,
@@ -32,6 +33,7 @@ def default_pipeline() -> Pipeline:
 
 __all__ = [
     "DumpGraphInstrument",
+    "FusePartition",
     "Match",
     "Pass",
     "PassContext",

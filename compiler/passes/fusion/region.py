@@ -18,9 +18,10 @@ from typing import Any, Sequence
 
 import torch
 from torch import fx
-from torch.fx.passes.utils.fuser_utils import erase_nodes, fuse_as_graphmodule, legalize_graph, validate_partition
+from torch.fx.passes.utils.fuser_utils import erase_nodes, fuse_as_graphmodule, validate_partition
 
 from compiler.errors import PassError
+from compiler.ir import is_mutating
 
 REGION_KINDS = ("pointwise", "reduction", "matmul_epilogue", "attention")
 
@@ -52,25 +53,39 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     return new
 
 
-def fuse_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], kind: str, label: str = "") -> fx.Node:
+def fuse_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], kind: str, label: str = "", recompile: bool = True) -> fx.Node:
     """Replace `nodes` by one call of a FusedRegion; returns the new call_module node.
 
-    Raises PassError when the set is not convex (fusing it would create a cycle) or contains a
-    node that is not a call_function.
+    The call goes where the last member was; outside nodes between the members that depend
+    on them move after it, in their order (convexity guarantees none feeds a member). Raises
+    PassError when the set is not convex, contains a node that is not a call_function, or
+    spans a mutation (moving work across it could change what a member reads). Pass
+    `recompile=False` when fusing many regions, and recompile once at the end.
     """
-    nodes = [n for n in gm.graph.nodes if n in set(nodes)]  # graph order
+    members = set(nodes)
+    nodes = [n for n in gm.graph.nodes if n in members]  # graph order
     if not nodes:
         raise PassError("fuse_nodes: no nodes to fuse")
     if any(n.op != "call_function" for n in nodes):
         raise PassError(f"fuse_nodes: only call_function nodes can be fused, got {[n.op for n in nodes if n.op != 'call_function']}")
     if not validate_partition(list(nodes)):
         raise PassError(f"fuse_nodes: {[n.name for n in nodes]} is not convex; fusing it would create a cycle")
+    between = _between(nodes, members)
+    if any(is_mutating(n) for n in [*nodes, *between]):
+        raise PassError(f"fuse_nodes: {[n.name for n in nodes]} spans a mutation; fuse within one side of it")
     name = _free_name(gm, f"fused_{kind}")
     sub_gm, inputs, outputs = fuse_as_graphmodule(gm, list(nodes), name)
     for placeholder, source in zip([n for n in sub_gm.graph.nodes if n.op == "placeholder"], inputs):
         placeholder.meta.update({k: v for k, v in source.meta.items() if k in ("val", "tensor_meta")})
     region = FusedRegion(sub_gm, sub_gm.graph, kind, label or name)
     gm.add_submodule(name, region)
+    moving: set[fx.Node] = set()
+    anchor = nodes[-1]
+    for n in between:
+        if any(a in members or a in moving for a in n.all_input_nodes):
+            moving.add(n)
+            anchor.append(n)
+            anchor = n
     with gm.graph.inserting_after(nodes[-1]):
         call = gm.graph.call_module(name, args=tuple(inputs))
     vals = [o.meta.get("val") for o in outputs]
@@ -84,10 +99,20 @@ def fuse_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], kind: str, label: s
             item.meta["val"] = vals[i]
             out.replace_all_uses_with(item)
     erase_nodes(gm, list(nodes))
-    legalize_graph(gm)  # users of an early output that sat between region nodes move after the call
-    gm.graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.graph.lint()
+        gm.recompile()
     return call
+
+
+def _between(nodes: list[fx.Node], members: set[fx.Node]) -> list[fx.Node]:
+    """Non-member nodes strictly between the first and last member, in graph order."""
+    out, n = [], nodes[0]
+    while n is not nodes[-1]:
+        n = n.next
+        if n not in members:
+            out.append(n)
+    return out
 
 
 def regions(gm: fx.GraphModule) -> list[tuple[fx.Node, FusedRegion]]:
