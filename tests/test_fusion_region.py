@@ -98,3 +98,30 @@ def test_region_without_a_lowering_runs_in_aten_with_a_warning(branchy):
     assert report.fallbacks and "region runs in ATen" in report.fallbacks[0]
     for got, want in zip(executable(*inputs), _Branchy()(*inputs)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("target", ["host", "h100"])
+def test_partitioned_llama_runs_generated_region_kernels_and_matches_eager(target):
+    """End to end: capture, canonicalize, partition into regions, lower every region to the
+    target's backend (TVM built for llvm; Triton under the interpreter), run, compare."""
+    import compiler
+    from compiler.passes import FusePartition
+    from compiler.passes.canonicalize.causal_attention import CanonicalizeCausalAttention
+    from compiler.passes.pipeline import Pipeline
+    from models import logits, tiny_llama, token_inputs
+
+    model, inputs = tiny_llama(), token_inputs(24)
+    pipeline = Pipeline([CanonicalizeCausalAttention(), FusePartition()], name="fusion")
+    compiled = compiler.compile(model, inputs, target=target, pipeline=pipeline)
+    codegen = compiled.result.codegen
+    region_kernels = [k for k in codegen.kernels if "region" in k.name or k.name.startswith(("triton_", "region_"))]
+    assert region_kernels and all(k.runner is not None for k in region_kernels)
+    # every region lowered, except (TVM) the rotary table region built from an int64 arange;
+    # attention kernels are not written yet, so causal_attention runs its reference
+    region_fallbacks = [f for f in codegen.fallbacks if f.startswith("fused_")]
+    assert all("torch.int64" in f for f in region_fallbacks), region_fallbacks
+    assert len(region_fallbacks) <= 1
+    with torch.no_grad():
+        want = logits(model(**inputs))
+        got = logits(compiled(**inputs))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

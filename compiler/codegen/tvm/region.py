@@ -1663,9 +1663,37 @@ def _host_runner(program: _Program, built: Callable[..., Any]) -> Callable[..., 
             shapes = [[fn(env) for fn in shape] for shape, _ in outputs]
         outs = [torch.empty(shape, dtype=dtype) for shape, (_, dtype) in zip(shapes, outputs)]
         built(*tensors, *outs, *(_scalar_arg(args[i]) for i in scalar_inputs))
+        for i, order in layouts:
+            outs[i] = torch.empty_permuted(outs[i].shape, order, dtype=outs[i].dtype).copy_(outs[i])
         return tuple(outs) if tuple_output else outs[0]
 
+    layouts = [(i, order) for i, order in enumerate(_eager_layouts(program.region)) if order is not None]
     return run
+
+
+def _eager_layouts(region: Any) -> list[tuple[int, ...] | None]:
+    """Per region output, the dim order (outermost first) of the layout eager gives it when
+    that is a dense permutation other than contiguous (e.g. rotary q kept transposed), else
+    None. Later ops were traced against those strides (a `view` may depend on them), so the
+    runner hands outputs back in them; the kernel itself writes contiguously."""
+    out = region.graph.output_node().args[0]
+    nodes = out if isinstance(out, (tuple, list)) else [out]
+    return [_dim_order(n.meta.get("val") if isinstance(n, torch.fx.Node) else None) for n in nodes]
+
+
+def _dim_order(val: Any) -> tuple[int, ...] | None:
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return None
+    try:
+        sizes, strides = [int(d) for d in val.shape], [int(d) for d in val.stride()]
+    except (TypeError, ValueError):  # symbolic layout: keep contiguous
+        return None
+    if strides == list(torch.empty(sizes, device="meta").stride()):
+        return None
+    order = tuple(sorted(range(len(sizes)), key=lambda d: -strides[d]))
+    probe = torch.empty_permuted(sizes, order, device="meta")
+    same = all(a == b or n == 1 for a, b, n in zip(probe.stride(), strides, sizes))
+    return order if same else None
 
 
 def _scalar_arg(v: Any) -> Any:
