@@ -1,0 +1,68 @@
+"""Shared benchmark helpers: interleaved timing (median of repeats), environment info, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function (`repeats` samples), timed in interleaved rounds.
+
+    Each round calls every function once (the order reversed on alternate rounds), so drift in
+    machine load lands on all of them alike. `warmup` untimed rounds come first.
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            fns[name]()
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    """Median (the figure to quote) and min (least disturbed by other load) of timing samples."""
+    return {"median": statistics.median(samples), "min": min(samples)}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def env_info() -> dict[str, Any]:
+    """What the numbers depend on: torch version, thread count, CPU, Python, current load."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu": _cpu_name(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_1_5_15": os.getloadavg(),  # other work on the machine skews every timing
+    }
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` as indented JSON, creating parent folders."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return out
