@@ -54,3 +54,14 @@ def logits(output: object) -> torch.Tensor:
         return output[0]
     assert isinstance(output, torch.Tensor)
     return output
+
+
+class FunctionModule(torch.nn.Module):
+    """A module whose forward is `fn`: lets torch.export capture a plain function."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)

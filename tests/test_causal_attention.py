@@ -11,7 +11,7 @@ from compiler.backend import CompilerBackend
 from compiler.capture import capture_export
 from compiler.ir import op_counts
 from compiler.passes.canonicalize.causal_attention import CanonicalizeCausalAttention
-from models import tiny_gpt2, tiny_llama, token_inputs
+from models import FunctionModule, tiny_gpt2, tiny_llama, token_inputs
 
 SDPA = "aten.scaled_dot_product_attention.default"
 CAUSAL = "compiler.causal_attention.default"
@@ -73,16 +73,8 @@ def _sdpa_graph(mask_fn):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask_fn(pos))
 
     q = torch.randn(1, 2, 8, 4)
-    return capture_export(_Wrap(f), (q, q.clone(), q.clone()))
+    return capture_export(FunctionModule(f), (q, q.clone(), q.clone()))
 
-
-class _Wrap(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def test_sliding_window_is_not_causal():

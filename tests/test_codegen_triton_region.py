@@ -38,6 +38,7 @@ from compiler.codegen.triton.region import MAX_ROW, lower_region
 from compiler.errors import Unsupported
 from compiler.passes.fusion.region import fuse_nodes, regions
 from compiler.targets import load_target
+from models import FunctionModule
 
 aten = torch.ops.aten
 
@@ -59,20 +60,12 @@ def _quiet_interpreter():
         yield
 
 
-class _Fn(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
 
 def _fused(fn, args, kind, select=None, dynamic_shapes=None):
     """The captured graph of `fn` with its ATen ops (or those `select` picks) fused into one region."""
     # forward(*args): export wants the per-argument specs wrapped once more.
     spec = None if dynamic_shapes is None else (tuple(dynamic_shapes),)
-    gm = capture_export(_Fn(fn), args, dynamic_shapes=spec).gm
+    gm = capture_export(FunctionModule(fn), args, dynamic_shapes=spec).gm
     nodes = [
         n for n in gm.graph.nodes
         if n.op == "call_function" and n.target is not aten.sym_size.int and (select is None or select(n))

@@ -38,6 +38,7 @@ from compiler.codegen.tvm.region import lower_region
 from compiler.errors import Unsupported
 from compiler.passes.fusion.region import FusedRegion, fuse_nodes
 from compiler.targets import load_target
+from models import FunctionModule
 
 aten = torch.ops.aten
 
@@ -55,19 +56,11 @@ def _shared_cache(tmp_path_factory):
         yield
 
 
-class _Fn(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
 
 def _fused(fn, args, kind, dynamic=None):
     """The captured graph of `fn` with all its ops fused into one region; returns (captured,
     region call node)."""
-    captured = capture_export(_Fn(fn), args, dynamic_shapes=None if dynamic is None else (tuple(dynamic),))
+    captured = capture_export(FunctionModule(fn), args, dynamic_shapes=None if dynamic is None else (tuple(dynamic),))
     nodes = [n for n in captured.gm.graph.nodes if n.op == "call_function"]
     return captured, fuse_nodes(captured.gm, nodes, kind)
 

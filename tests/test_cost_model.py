@@ -19,24 +19,16 @@ from compiler.capture import capture_export, capture_fx
 from compiler.cost_model import CostModel, TensorInfo, Work, attention_work
 from compiler.cost_model.rules import causal_pairs
 from compiler.cost_model.symbolic import L, SMOLLM2, attention_crossover, block_sparse_attention, crossover, dense_attention
-from models import tiny_llama, token_inputs
+from models import FunctionModule, tiny_llama, token_inputs
 
 H100 = CostModel("h100")
 
 
 def _graph(fn, *inputs: torch.Tensor):
     """An ATen graph of `fn` (a module or function) with FakeTensor metadata."""
-    module = fn if isinstance(fn, torch.nn.Module) else _Wrap(fn)
+    module = fn if isinstance(fn, torch.nn.Module) else FunctionModule(fn)
     return capture_export(module, inputs).gm
 
-
-class _Wrap(torch.nn.Module):
-    def __init__(self, fn) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def _calls(gm: torch.fx.GraphModule, name: str) -> list[torch.fx.Node]:

@@ -71,6 +71,7 @@ import torch
 from torch import fx
 
 from compiler.cache import cache_dir
+from compiler.codegen.triton.runtime import interpreting, why_not_runnable
 from compiler.codegen import RegionRequest, register_region_lowering
 from compiler.errors import Unsupported
 from compiler.ops.registry import Kernel
@@ -146,7 +147,7 @@ def lower_region(req: RegionRequest) -> Kernel:
     ops = "_".join(dict.fromkeys(_short_name(n.target) for n in region.ops() if n.target is not operator.getitem))
     name = f"triton_{region.kind}_{ops[:40].strip('_')}_{digest}"
     source = _header(name, region, summary) + text.replace(_NAME, name)
-    why_not = _why_not_runnable(req, gen.device_type)
+    why_not = why_not_runnable(req, gen.device_type)
     if why_not:
         return Kernel(name, "triton", source, note=why_not, language="python")
     module = _load(name, source)
@@ -168,26 +169,9 @@ def _header(name: str, region: Any, summary: str) -> str:
     )
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _why_not_runnable(req: RegionRequest, device: str) -> str:
-    """Empty when the kernel can run here on tensors of `device`, else the reason it cannot."""
-    if not req.run_here:
-        return "not loaded: the caller asked for source only"
-    if _interpreting():
-        return ""
-    if device == "cuda" and torch.cuda.is_available():
-        return ""
-    if device == "cuda":
-        return f"Triton kernel for {req.target.device}: no CUDA device here and TRITON_INTERPRET is not set"
-    return f"Triton kernel for {device} tensors: only runs there under TRITON_INTERPRET=1"
-
-
 def _load(name: str, source: str) -> ModuleType:
     """The generated module, written once per name to the cache folder and imported."""
-    key = (_interpreting(), name)
+    key = (interpreting(), name)
     if key not in _LOADED:
         path = cache_dir("triton") / f"{name}.py"
         if not path.is_file():

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from compiler.cache import cache_dir
+from compiler.codegen.triton.runtime import interpreting, why_not_runnable
 from compiler.ops import rms_norm as RMS_NORM
 from compiler.ops.registry import Kernel, LoweringRequest
 from compiler.ops.rms_norm import kernel_name, kernel_row_length
@@ -82,7 +83,7 @@ def lower_rms_norm(req: LoweringRequest) -> Kernel:
         f"# {name}: {KERNEL_NAME}[(cdiv(rows, {block_m}),)](..., n_cols={n}, "
         f"BLOCK_M={block_m}, BLOCK_N={block_n}, num_warps={num_warps})\n{KERNEL_SOURCE}"
     )
-    why_not = _why_not_runnable(req, x.device.type)
+    why_not = why_not_runnable(req, x.device.type)
     if why_not:
         return Kernel(name, "triton", source, note=why_not)
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
@@ -90,29 +91,9 @@ def lower_rms_norm(req: LoweringRequest) -> Kernel:
     return Kernel(name, "triton", source, runner=runner)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _why_not_runnable(req: LoweringRequest, device: str) -> str:
-    """Empty when the kernel can run here on tensors of `device`, else the reason it cannot."""
-    if not req.run_here:
-        return "not loaded: the caller asked for source only"
-    if _interpreting():
-        return ""
-    if device == "cuda" and torch.cuda.is_available():
-        return ""
-    if device == "cuda":
-        return (
-            f"Triton kernel for {req.target.device}: no CUDA device here "
-            "and TRITON_INTERPRET is not set"
-        )
-    return f"Triton kernel for {device} tensors: only runs there under TRITON_INTERPRET=1"
-
-
 def _kernel_module() -> ModuleType:
     """KERNEL_SOURCE as an imported module, written once per content to the cache folder."""
-    interpret = _interpreting()
+    interpret = interpreting()
     if interpret not in _LOADED:
         digest = hashlib.sha256(KERNEL_SOURCE.encode()).hexdigest()[:16]
         path = cache_dir("triton") / f"rms_norm_{digest}.py"
