@@ -34,7 +34,9 @@ class Hardware:
     reaches on a CPU); `vector_flops` is the non-matrix fp32 rate that elementwise ops and
     reductions use; `transcendentals` counts exp/log/sin-class results per second. A level of
     `caches` (capacity, bandwidth) serves an op whose working set fits in it; larger working sets
-    stream from memory. `achievable` scales peaks to what real kernels reach.
+    stream from memory. `achievable` scales peaks to what real kernels reach. With
+    `overlapped_units` (GPUs) matmul, vector and transcendental work run on separate units at
+    once, so compute time is the largest of the three rather than their sum.
     """
 
     matmul_flops: dict[str, float]
@@ -49,6 +51,7 @@ class Hardware:
     shared_memory_per_unit: float = 0.0
     l2_bytes: float = 0.0
     measured: bool = False
+    overlapped_units: bool = False
 
     def matmul_rate(self, dtype: str) -> float:
         """Achievable matmul FLOP/s for inputs of `dtype` (falls back to the nearest wider type
@@ -128,7 +131,7 @@ def parse_target(data: dict[str, Any], where: str = "target") -> Target:
 _HARDWARE_KEYS = (
     "vector_tflops", "transcendental_tops", "memory_bandwidth_gbps", "memory_gb", "launch_overhead_us",
     "compute_units", "cache_mib", "cache_bandwidth_gbps", "shared_memory_per_unit_kib", "l2_mib",
-    "measured", "matmul_tflops", "achievable",
+    "measured", "overlapped_units", "matmul_tflops", "achievable",
 )
 
 
@@ -156,6 +159,7 @@ def parse_hardware(hw: _Fields) -> Hardware:
         shared_memory_per_unit=hw.number("shared_memory_per_unit_kib", optional=True) * 2**10,
         l2_bytes=hw.number("l2_mib", optional=True) * 2**20,
         measured=hw.boolean("measured"),
+        overlapped_units=hw.boolean("overlapped_units"),
     )
 
 
