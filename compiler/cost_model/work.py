@@ -158,7 +158,7 @@ class Roofline:
 
     @property
     def time(self) -> Expr:
-        return self.overhead + _max(self.compute, self.memory)
+        return self.overhead + _max_of([self.compute, self.memory])
 
     def subs(self, bindings: dict[Any, Any]) -> Roofline:
         def s(v: Expr) -> Expr:
@@ -230,12 +230,6 @@ def _max_of(values: list[Expr]) -> Expr:
     if any(isinstance(v, sympy.Basic) and not v.is_number for v in values):
         return sympy.Max(*values)
     return max(float(v) for v in values)
-
-
-def _max(a: Expr, b: Expr) -> Expr:
-    if isinstance(a, sympy.Basic) or isinstance(b, sympy.Basic):
-        return sympy.Max(a, b)
-    return max(a, b)
 
 
 def _simplify(v: Expr) -> Expr:

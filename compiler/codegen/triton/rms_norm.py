@@ -14,15 +14,12 @@ imports triton before a lowering runs, so the environment can still choose the i
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
 from types import ModuleType
 from typing import Callable
 
 import torch
 
-from compiler.cache import cache_dir
-from compiler.codegen.triton.runtime import interpreting, why_not_runnable
+from compiler.codegen.triton.runtime import load_module, why_not_runnable
 from compiler.ops import rms_norm as RMS_NORM
 from compiler.ops.registry import Kernel, LoweringRequest
 from compiler.ops.rms_norm import kernel_name, kernel_row_length
@@ -66,7 +63,6 @@ _ELEMENTS_PER_WARP = 512
 
 # Loaded kernel modules, by interpreter mode: `triton.jit` decides at load time whether it makes
 # a GPU kernel or an interpreted one, so each mode loads its own copy.
-_LOADED: dict[bool, ModuleType] = {}
 
 
 @RMS_NORM.register_lowering("triton")
@@ -92,20 +88,9 @@ def lower_rms_norm(req: LoweringRequest) -> Kernel:
 
 
 def _kernel_module() -> ModuleType:
-    """KERNEL_SOURCE as an imported module, written once per content to the cache folder."""
-    interpret = interpreting()
-    if interpret not in _LOADED:
-        digest = hashlib.sha256(KERNEL_SOURCE.encode()).hexdigest()[:16]
-        path = cache_dir("triton") / f"rms_norm_{digest}.py"
-        if not path.is_file():
-            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            partial.write_text(KERNEL_SOURCE)
-            os.replace(partial, path)
-        spec = importlib.util.spec_from_file_location(f"compiler_triton_rms_norm_{digest}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _LOADED[interpret] = module
-    return _LOADED[interpret]
+    """KERNEL_SOURCE as an imported module, named by its content."""
+    digest = hashlib.sha256(KERNEL_SOURCE.encode()).hexdigest()[:16]
+    return load_module(f"rms_norm_{digest}", KERNEL_SOURCE)
 
 
 def _runner(

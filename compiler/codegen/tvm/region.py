@@ -733,39 +733,36 @@ def _exp(x: Any) -> Any:
     return _let("x", x, at)
 
 
-def _tanh(x: Any) -> Any:
+def _odd_rational(x: Any, p: Any, q: Any, bound: float, exact: Callable[[Any], Any], identity_below: float = 0.0) -> Any:
+    """x * P(x^2) / Q(x^2) on x clamped to [-bound, bound] (where the function has saturated in
+    fp32), NaN passed through, and x itself below `identity_below` in magnitude; other dtypes
+    use TVM's `exact` intrinsic."""
     tirx = _tir()
     c = _dtype(x)
     if c != "float32":
-        return tirx.tanh(x)
+        return exact(x)
 
     def rational(v: Any) -> Any:
         v2 = v * v
-        return _polynomial(v2, _TANH_P) * v / _polynomial(v2, _TANH_Q)
+        return _polynomial(v2, p) * v / _polynomial(v2, q)
 
     def at(x: Any) -> Any:
-        y = _let("v", tirx.max(tirx.min(x, tirx.const(9.0, c)), tirx.const(-9.0, c)), rational)
-        # Below 4e-4, tanh(x) rounds to x; the rational form would be a few ulp off there.
-        return tirx.Select(tirx.Or(tirx.abs(x) < tirx.const(0.0004, c), tirx.isnan(x)), x, y)
+        y = _let("v", tirx.max(tirx.min(x, tirx.const(bound, c)), tirx.const(-bound, c)), rational)
+        keep = tirx.isnan(x)
+        if identity_below:
+            keep = tirx.Or(tirx.abs(x) < tirx.const(identity_below, c), keep)
+        return tirx.Select(keep, x, y)
 
     return _let("x", x, at)
+
+
+def _tanh(x: Any) -> Any:
+    # Below 4e-4, tanh(x) rounds to x; the rational form would be a few ulp off there.
+    return _odd_rational(x, _TANH_P, _TANH_Q, 9.0, _tir().tanh, identity_below=0.0004)
 
 
 def _erf(x: Any) -> Any:
-    tirx = _tir()
-    c = _dtype(x)
-    if c != "float32":
-        return tirx.erf(x)
-
-    def rational(v: Any) -> Any:
-        v2 = v * v
-        return _polynomial(v2, _ERF_P) * v / _polynomial(v2, _ERF_Q)
-
-    def at(x: Any) -> Any:
-        y = _let("v", tirx.max(tirx.min(x, tirx.const(4.0, c)), tirx.const(-4.0, c)), rational)
-        return tirx.Select(tirx.isnan(x), x, y)
-
-    return _let("x", x, at)
+    return _odd_rational(x, _ERF_P, _ERF_Q, 4.0, _tir().erf)
 
 
 def _nan_or(x: Any, y: Any) -> Any:
