@@ -101,6 +101,17 @@ def is_mutating(node: fx.Node) -> bool:
     return False
 
 
+def is_view(target: Any) -> bool:
+    """True for an ATen op whose outputs all alias an input without writing it (the schema says
+    so), plus `_unsafe_view`, a view the schema does not mark as one."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    if target.overloadpacket is torch.ops.aten._unsafe_view:
+        return True
+    returns = target._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
 def op_counts(gm: fx.GraphModule) -> dict[str, int]:
     """How many call sites each op has: a quick structural summary for tests and reports."""
     counts: dict[str, int] = {}

@@ -53,6 +53,7 @@ import torch
 from torch import fx
 
 from compiler.cost_model.work import DTYPE_NAMES, FREE, Expr, Work
+from compiler.ir import is_view
 
 aten = torch.ops.aten
 
@@ -495,10 +496,9 @@ def _generic(args: Sequence[Any], kwargs: dict[str, Any], out: list[TensorInfo])
 
 
 def _is_view(target: torch._ops.OpOverload) -> bool:
-    if target.overloadpacket in (aten._unsafe_view, aten.detach, aten.lift_fresh, aten.sym_size, aten.sym_numel, aten.sym_stride, aten._assert_tensor_metadata):
-        return True
-    returns = target._schema.returns
-    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+    """Views, and ops that launch nothing: size queries, detach, metadata asserts."""
+    free = (aten.detach, aten.lift_fresh, aten.sym_size, aten.sym_numel, aten.sym_stride, aten._assert_tensor_metadata)
+    return target.overloadpacket in free or is_view(target)
 
 
 # -- from fx nodes -------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from torch import fx
 
 from compiler.cost_model.rules import as_expr, node_cost
 from compiler.errors import PassError
-from compiler.ir import is_mutating
+from compiler.ir import is_mutating, is_view
 from compiler.passes.base import Pass, PassResult
 from compiler.passes.fusion.region import REGION_KINDS, fuse_nodes
 
@@ -70,7 +70,6 @@ POINTWISE, REDUCTION, VIEW = "pointwise", "reduction", "view"
 FORMED_KINDS = (POINTWISE, REDUCTION)
 
 _COPIES = {aten._to_copy.default, aten.clone.default, aten.copy.default, aten.cat.default}
-_ALIASING_WITHOUT_SCHEMA = {aten._unsafe_view.default}  # a view the schema does not mark as one
 # Reductions with a `dim` argument (second positional); None or [] means every dim.
 _DIM_REDUCTIONS = {
     aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.prod.dim_int,
@@ -326,13 +325,9 @@ def classify(node: fx.Node) -> str | None:
 
 
 def _is_view(target: torch._ops.OpOverload) -> bool:
-    if target in _ALIASING_WITHOUT_SCHEMA:
-        return True
+    """A view with one Tensor output (multi-output views such as split stay boundaries)."""
     returns = target._schema.returns
-    return (
-        len(returns) == 1 and str(returns[0].type) == "Tensor"
-        and returns[0].alias_info is not None and not returns[0].alias_info.is_write
-    )
+    return is_view(target) and len(returns) == 1 and str(returns[0].type) == "Tensor"
 
 
 def _input_tensors(node: fx.Node) -> list[torch.Tensor]:
