@@ -247,13 +247,24 @@ def causal_pairs(sq: Expr, skv: Expr) -> Expr:
     return sq * (sq + 1) / 2 - over * (over + 1) / 2
 
 
-def attention_work(q: TensorInfo, k: TensorInfo, v: TensorInfo, out: Sequence[TensorInfo], causal: bool, mask: TensorInfo | None = None, density: Expr = 1) -> Work:
+def causal_pairs_end_aligned(sq: Expr, skv: Expr) -> Expr:
+    """Attended pairs when the Sq queries are the last Sq of Skv positions (query i sees keys
+    up to Skv - Sq + i), as in a decode step or flash-attn's causal: Sq·Skv - Sq(Sq-1)/2."""
+    return sq * skv - sq * (sq - 1) / 2
+
+
+def attention_work(q: TensorInfo, k: TensorInfo, v: TensorInfo, out: Sequence[TensorInfo], causal: bool, mask: TensorInfo | None = None, density: Expr = 1, end_aligned: bool = False) -> Work:
     """Work of softmax(QKᵀ·scale + mask)·V over the attended pairs; `density` scales the pairs
-    for block-sparse layouts. GQA K/V are read at their own head count."""
+    for block-sparse layouts. GQA K/V are read at their own head count. A causal mask is
+    aligned at the top left (SDPA's `is_causal`) unless `end_aligned`."""
     *batch, sq, d = q.shape
     skv, dv = k.shape[-2], v.shape[-1]
     heads = math.prod(batch)
-    pairs = (causal_pairs(sq, skv) if causal else sq * skv) * density
+    if causal:
+        pairs = causal_pairs_end_aligned(sq, skv) if end_aligned else causal_pairs(sq, skv)
+    else:
+        pairs = sq * skv
+    pairs = pairs * density
     extra = [mask] if mask is not None else []
     read, written = io_bytes([q, k, v, *extra], out)
     return Work(

@@ -4,6 +4,12 @@ What HF models compute when given an `attention_mask`: position q attends to key
 k <= q and the key is not padding. Captured, that is an explicit [B, 1, S, S] boolean mask and
 K/V repeated to every query head; this op keeps K/V unrepeated and, when the padding mask is
 all ones (the common case), takes SDPA's `is_causal` path, which skips the masked half.
+
+Queries are aligned to the end of the keys: with Sq queries and Sk >= Sq keys, query i sits at
+position Sk - Sq + i and sees keys 0..Sk - Sq + i. For Sq == Sk (prefill, what the canonicalizer
+produces) that is the usual lower triangle; for Sq == 1 it is a decode step, one new token
+against the whole cache. (SDPA's own `is_causal` aligns to the start instead, so the reference
+builds the mask explicitly whenever Sq != Sk.)
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: O
 def _cost(q: TensorInfo, k: TensorInfo, v: TensorInfo, key_padding_mask: Optional[TensorInfo], scale: float) -> OpCost:
     # priced as the common all-ones case: is_causal SDPA on unrepeated K/V
     out = TensorInfo((*q.shape[:-1], v.shape[-1]), q.dtype)
-    return OpCost(attention_work(q, k, v, [out], causal=True), "attention")
+    return OpCost(attention_work(q, k, v, [out], causal=True, end_aligned=True), "attention")
 
 
 @compiler_op("causal_attention", fake=_fake, cost=_cost)
@@ -32,10 +38,16 @@ def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], scale: float
 ) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
+    queries, keys = q.shape[-2], k.shape[-2]
+    if queries > keys:
+        raise ValueError(f"causal_attention: {queries} queries against {keys} keys; queries are the last Sq of the Sk positions, so Sq <= Sk")
     if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask[:, : k.shape[-2]]
-    if key_padding_mask is None or bool(key_padding_mask.all()):
+        key_padding_mask = key_padding_mask[:, :keys]
+    all_keys = key_padding_mask is None or bool(key_padding_mask.all())
+    if all_keys and queries == keys:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    causal = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril(keys - queries)
+    if all_keys:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=gqa)
     mask = causal & key_padding_mask.to(torch.bool)[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
