@@ -123,7 +123,20 @@ def op_counts(gm: fx.GraphModule) -> dict[str, int]:
 
 
 def graph_text(gm: fx.GraphModule) -> str:
-    """A readable listing of the graph: one line per node with its shape and dtype."""
+    """A readable listing of the graph: one line per node with its shape and dtype; the body of
+    each called submodule (a fused region) follows, indented, under its name."""
+    lines = _node_lines(gm)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            sub = gm.get_submodule(str(node.target))
+            if isinstance(sub, fx.GraphModule):
+                kind = " ".join(str(getattr(sub, a)) for a in ("kind", "label") if getattr(sub, a, ""))
+                lines += ["", f"{node.target}:  # {kind or type(sub).__name__}"]
+                lines += [f"    {line}" for line in _node_lines(sub)]
+    return "\n".join(lines) + "\n"
+
+
+def _node_lines(gm: fx.GraphModule) -> list[str]:
     lines = []
     for node in gm.graph.nodes:
         val = node.meta.get("val")
@@ -139,4 +152,4 @@ def graph_text(gm: fx.GraphModule) -> str:
         else:
             args = ", ".join([*map(repr, node.args), *(f"{k}={v!r}" for k, v in node.kwargs.items())])
             lines.append(f"{node.name} = {node.target}({args}){shape}")
-    return "\n".join(lines) + "\n"
+    return lines

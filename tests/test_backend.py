@@ -13,6 +13,7 @@ import compiler.driver
 from compiler.errors import UserInputError
 from compiler.ir import op_counts
 from compiler.passes import VerifyNumericsInstrument, default_pipeline
+from compiler.passes.fusion.region import FusedRegion
 from models import logits, tiny_gpt2, tiny_llama, token_inputs
 
 # Full models in fp32: the compiled graph runs the same ATen ops as eager except where a pass
@@ -95,8 +96,9 @@ def test_dynamic_lengths_compile_one_static_then_one_dynamic_graph(llama_runs):
     assert len(results) == 2, f"{len(results)} graphs compiled for lengths {LENGTHS}"
     assert llama_runs["graphs_after"] == {8: 1, 12: 2, 16: 2, 20: 2, 33: 2}
     assert not _symbolic(results[0]) and _symbolic(results[1])
-    # The passes ran on both: RMSNorm fused in the static and the dynamic graph alike.
-    assert op_counts(results[0].ir)["compiler.rms_norm.default"] == op_counts(results[1].ir)["compiler.rms_norm.default"] == 5
+    # The passes ran on both: the same regions fused in the static and the dynamic graph.
+    regions = [sorted(m.label for m in r.ir.modules() if isinstance(m, FusedRegion)) for r in results]
+    assert regions[0] == regions[1] and regions[0].count("rms_norm") + regions[0].count("residual+rms_norm") == 5
 
 
 def test_gpt2_through_the_backend_entry_point_matches_eager(recording):
@@ -127,9 +129,8 @@ class NormLinear(torch.nn.Module):
 
 @pytest.mark.parametrize("disable", [None, "fuse_rms_norm"])
 def test_options_dict_reaches_the_backend(recording, tmp_path, disable):
-    options = {"target": "host", "dump_dir": str(tmp_path)}
-    if disable:
-        options["disable"] = disable
+    # Without the partitioner, so that the norm is fuse_rms_norm's to take.
+    options = {"target": "host", "dump_dir": str(tmp_path), "disable": ",".join(filter(None, ["fuse_regions", disable]))}
     model = NormLinear()
     x = torch.randn(3, 32)
     with torch.no_grad():
@@ -137,7 +138,7 @@ def test_options_dict_reaches_the_backend(recording, tmp_path, disable):
         expected = model(x)
     (backend,) = recording
     assert backend.options.target.name == "host"
-    assert backend.options.disable == ({disable} if disable else set())
+    assert backend.options.disable == {"fuse_regions"} | ({disable} if disable else set())
     fused = op_counts(backend.results[-1].ir).get("compiler.rms_norm.default", 0)
     assert fused == (0 if disable else 1)
     dumped = sorted(p.name for p in tmp_path.iterdir())
@@ -170,7 +171,7 @@ def test_norms_fuse_when_dynamo_makes_eps_a_graph_input(recording):
     with torch.no_grad():
         for eps in (1e-6, 1e-5):
             model = _with_eps(tiny_llama(), eps)
-            got = torch.compile(model, backend="compiler")(**inputs)
+            got = torch.compile(model, backend="compiler", options={"disable": "fuse_regions"})(**inputs)
             assert max_error(logits(got), logits(model(**inputs))) <= MODEL_ATOL
     assert [op_counts(r.ir).get("compiler.rms_norm.default", 0) for r in compiled_graphs()] == [5, 5]
 
@@ -178,7 +179,7 @@ def test_norms_fuse_when_dynamo_makes_eps_a_graph_input(recording):
 def test_host_target_compiles_a_narrow_rms_norm():
     model = NormLinear(dim=4)
     x = torch.randn(3, 4)
-    compiled = compiler.compile(model, (x,), target="host")
+    compiled = compiler.compile(model, (x,), target="host", passes="fuse_rms_norm")
     assert op_counts(compiled.result.ir).get("compiler.rms_norm.default") == 1
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

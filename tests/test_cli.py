@@ -72,20 +72,24 @@ def test_cli_exits_zero_and_writes_every_artifact(cli_run):
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == ["cost.json", "graph.txt", "kernels", "plan.json", "report.md", "roofline.png"]
     assert "Traceback" not in stderr
-    # graph.txt is the optimized graph: the fused op is there, the decomposed norm is not.
+    # graph.txt is the optimized graph: the norms are fused regions (their bodies listed after
+    # the graph), so the top-level listing has no decomposed norm left.
     graph = (out / "graph.txt").read_text()
-    assert "compiler.rms_norm.default(" in graph and "aten.rsqrt.default(" not in graph
+    top, _, bodies = graph.partition("\n\n")
+    assert "aten.rsqrt.default(" not in top and "fused_reduction_0(" in top
+    assert "fused_reduction_0:  # reduction rms_norm" in bodies and "aten.rsqrt.default(" in bodies
 
 
-def test_cli_writes_the_rms_norm_kernel_for_the_targets_backend(cli_run):
+def test_cli_writes_the_region_kernels_for_the_targets_backend(cli_run):
     target, code, out, _, _ = cli_run
     assert code == 0
     backend, marker = KERNEL_MARKERS[target]
     kernels = sorted((out / "kernels").iterdir())
     assert kernels, "no kernel sources written"
-    rms = [k for k in kernels if k.name.startswith("rms_norm") and f".{backend}." in k.name]
-    assert rms, f"no {backend} rms_norm kernel among {[k.name for k in kernels]}"
-    assert all(marker in k.read_text() for k in rms)
+    # The norms' kernels: a reduction over pow, mean and rsqrt (with the residual add or not).
+    norms = [k for k in kernels if "pow_mean" in k.name and "rsqrt" in k.name and f".{backend}." in k.name]
+    assert norms, f"no {backend} norm kernel among {[k.name for k in kernels]}"
+    assert all(marker in k.read_text() for k in kernels)
     other = {b for b, _ in KERNEL_MARKERS.values()} - {backend}
     assert not [k for k in kernels if any(f".{o}." in k.name for o in other)]
 
@@ -97,15 +101,16 @@ def test_cli_plan_records_passes_and_the_check_against_eager(cli_run):
     assert plan["target"] == target
     assert [p["name"] for p in plan["passes"]] == default_pipeline().names()
     assert all(p["status"] == "ran" for p in plan["passes"])
-    fuse = next(p for p in plan["passes"] if p["name"] == "fuse_rms_norm")
-    assert fuse["stats"]["matches"] == 5  # 2 layers x 2 norms + the final norm
+    fuse = next(p for p in plan["passes"] if p["name"] == "fuse_regions")
+    labels = fuse["stats"]["by_label"]
+    assert labels.get("rms_norm", 0) + labels.get("residual+rms_norm", 0) == 5  # 2 layers x 2 norms + the final norm
     check = plan["check_vs_eager"]
     assert 0 <= check["max_abs_error"] <= MODEL_ATOL
     # --json prints the same plan on stdout.
     assert json.loads(stdout) == plan
     report = (out / "report.md").read_text()
     assert report.startswith(f"# Compilation report: target `{target}`")
-    assert "## Check against eager" in report and "fuse_rms_norm" in report
+    assert "## Check against eager" in report and "fuse_regions" in report
 
 
 def test_cli_writes_the_cost_report(cli_run):

@@ -23,8 +23,17 @@ from compiler.cost_model.rules import OpCost, TensorInfo, attention_work
 from compiler.ops.registry import compiler_op
 
 
+def output_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """An uninitialized output: [B, H, Sq, Dv] laid out as [B, Sq, H, Dv] in memory, as SDPA's
+    CPU and CUDA kernels give it. Graphs captured from SDPA follow the op with
+    `transpose(1, 2).view(B, Sq, H * Dv)`, a view only in that layout, so every implementation
+    (the reference, the fake, each kernel) returns it."""
+    b, h, sq, _ = q.shape
+    return torch.empty_permuted((b, h, sq, v.shape[-1]), (0, 2, 1, 3), dtype=q.dtype, device=q.device)
+
+
 def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return output_like(q, v)
 
 
 def _cost(q: TensorInfo, k: TensorInfo, v: TensorInfo, key_padding_mask: Optional[TensorInfo], scale: float) -> OpCost:
@@ -35,6 +44,15 @@ def _cost(q: TensorInfo, k: TensorInfo, v: TensorInfo, key_padding_mask: Optiona
 
 @compiler_op("causal_attention", fake=_fake, cost=_cost)
 def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], scale: float
+) -> torch.Tensor:
+    out = _attention(q, k, v, key_padding_mask, scale)
+    if out.stride() != output_like(q, v).stride():
+        out = output_like(q, v).copy_(out)
+    return out
+
+
+def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], scale: float
 ) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]

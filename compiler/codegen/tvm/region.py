@@ -1681,9 +1681,14 @@ def _eager_layouts(region: Any) -> list[tuple[int, ...] | None]:
 def _dim_order(val: Any) -> tuple[int, ...] | None:
     if not isinstance(val, torch.Tensor) or val.dim() < 2:
         return None
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+    # The order of a dense layout comes from the ops, not the sizes, so the traced sizes (hints)
+    # tell it for every size; `int()` of a SymInt would instead guard on (specialize) the size.
     try:
-        sizes, strides = [int(d) for d in val.shape], [int(d) for d in val.stride()]
-    except (TypeError, ValueError):  # symbolic layout: keep contiguous
+        sizes = [optimization_hint(d) for d in val.shape]
+        strides = [optimization_hint(d) for d in val.stride()]
+    except (TypeError, ValueError, AssertionError):  # an unbacked size has no hint
         return None
     if strides == list(torch.empty(sizes, device="meta").stride()):
         return None
