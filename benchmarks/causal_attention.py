@@ -28,14 +28,12 @@ per length; ratios matter, absolute times move with other load on the machine):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -45,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import env_info, summarize, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import env_info, load_smollm2, summarize, time_interleaved, write_json  # noqa: E402
 
 LAYERS, HEADS_Q, HEADS_KV, HEAD_DIM = 30, 9, 3, 64
 SCALE = HEAD_DIM**-0.5
@@ -110,14 +108,6 @@ def kernel_rows(seq_len: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _load_smollm2() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("smollm2_example", REPO / "examples" / "smollm2.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _logits(out: Any) -> torch.Tensor:
     return out["logits"] if isinstance(out, dict) else (out.logits if hasattr(out, "logits") else out[0])
 
@@ -126,7 +116,7 @@ def model_rows(lengths: list[int], repeats: int, eager: bool) -> list[dict[str, 
     import compiler
     from compiler.evaluation import load_text, token_windows
 
-    smollm2 = _load_smollm2()
+    smollm2 = load_smollm2()
     model, tok = smollm2.model(), smollm2.tokenizer()
     ids_all = token_windows(tok, load_text("novel_evaluation"), max(lengths), count=1)[0]
     rows = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -9,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -66,3 +68,15 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return out
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_smollm2() -> ModuleType:
+    """`examples/smollm2.py` as a module (its `model()`, `tokenizer()`, batches)."""
+    spec = importlib.util.spec_from_file_location("smollm2_example", REPO / "examples" / "smollm2.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -115,12 +115,26 @@ def _use_kernel(node: fx.Node, kernel: Kernel, kernels: dict[tuple[str, str], Ke
     node.meta["compiler.kernel"] = kernel.name
 
 
+def _signature(value: Any) -> Any:
+    """What a lowering can see of an argument, as a hashable key: a tensor's shape, strides,
+    dtype and device (sizes as their symbolic expressions), scalars and None as themselves."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(map(str, value.shape)), tuple(map(str, value.stride())), value.dtype, value.device.type)
+    if isinstance(value, (list, tuple)):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("sym", str(value))
+    return (type(value).__name__, value)
+
+
 def lower_graph(gm: fx.GraphModule, target: Any) -> tuple[fx.GraphModule, CodegenReport]:
     """The executable graph for `target` and what codegen did. `gm` itself is not changed."""
     report = CodegenReport(target.codegen)
     executable = _copy_graph_module(gm)
     mode = fake_mode_of(gm) if any(op_for_target(n.target) for n in gm.graph.nodes) else None
     kernels: dict[tuple[str, str], Kernel] = {}
+    # Call sites with equal arguments (the 30 layers of a model) get one lowering.
+    lowered: dict[tuple[str, Any], Kernel | Unsupported] = {}
     for node in executable.graph.nodes:
         if node.op == "call_module" and isinstance(executable.get_submodule(str(node.target)), FusedRegion):
             region = executable.get_submodule(str(node.target))
@@ -144,12 +158,17 @@ def lower_graph(gm: fx.GraphModule, target: Any) -> tuple[fx.GraphModule, Codege
         if lowering is None:
             report.fallbacks.append(f"{node.name}: compiler::{op.name} has no {target.codegen} lowering; runs its reference")
             continue
-        request = LoweringRequest(args=arg_values(executable, node.args, mode), target=target, run_here=True)
-        try:
-            kernel = lowering(request)
-        except Unsupported as exc:
-            warnings.warn(f"compiler::{op.name} at {node.name} falls back to its reference: {exc}", stacklevel=2)
-            report.fallbacks.append(f"{node.name}: {exc}; runs its reference")
+        args = arg_values(executable, node.args, mode)
+        key = (op.name, _signature(args))
+        if key not in lowered:
+            try:
+                lowered[key] = lowering(LoweringRequest(args=args, target=target, run_here=True))
+            except Unsupported as exc:
+                lowered[key] = exc
+        kernel = lowered[key]
+        if isinstance(kernel, Unsupported):
+            warnings.warn(f"compiler::{op.name} at {node.name} falls back to its reference: {kernel}", stacklevel=2)
+            report.fallbacks.append(f"{node.name}: {kernel}; runs its reference")
             continue
         _use_kernel(node, kernel, kernels, report)
     executable.recompile()
