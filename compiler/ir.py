@@ -153,3 +153,21 @@ def _node_lines(gm: fx.GraphModule) -> list[str]:
             args = ", ".join([*map(repr, node.args), *(f"{k}={v!r}" for k, v in node.kwargs.items())])
             lines.append(f"{node.name} = {node.target}({args}){shape}")
     return lines
+
+
+def at_hints(expr: Any, gm: fx.GraphModule) -> Any:
+    """A formula in shape symbols evaluated at the sizes the graph was captured with (the shape
+    environment's hints, which add no guard); plain numbers come back as they are, and None
+    when a symbol has no hint."""
+    import sympy
+
+    if not isinstance(expr, sympy.Basic) or not expr.free_symbols:
+        return expr
+    try:
+        env = fake_mode_of(gm).shape_env
+        table = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val
+        hints = {s.name: v for s, v in table.items()}
+    except Exception:  # no shape environment to ask
+        return None
+    value = expr.subs({s: hints[s.name] for s in expr.free_symbols if s.name in hints})
+    return None if value.free_symbols else value

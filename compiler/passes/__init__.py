@@ -24,15 +24,17 @@ from compiler.passes.pipeline import (
 
 
 def default_pipeline() -> Pipeline:
-    """The built-in passes in order. Lossless canonicalization first, then fusion: the
-    partitioner before the RMSNorm pattern, so that a residual add joins its norm in one
+    """The built-in passes in order. Lossless canonicalization first, then fusion: causal SDPA
+    into the flash-attention op, then the partitioner before the RMSNorm pattern, so that a residual add joins its norm in one
     region; `fuse_rms_norm` then takes the norms the partitioner left (with `fuse_regions`
     disabled, all of them)."""
     from compiler.passes.canonicalize.causal_attention import CanonicalizeCausalAttention
+    from compiler.passes.fusion.attention import FuseAttention
     from compiler.passes.fusion.partition import FusePartition
     from compiler.passes.fusion.rms_norm import fuse_rms_norm
 
-    return Pipeline([CanonicalizeCausalAttention(), FusePartition(), fuse_rms_norm()], name="default")
+    passes = [CanonicalizeCausalAttention(), FuseAttention(), FusePartition(), fuse_rms_norm()]
+    return Pipeline(passes, name="default")
 
 
 __all__ = [

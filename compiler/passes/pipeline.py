@@ -52,6 +52,10 @@ class PassContext:
 
     def __post_init__(self) -> None:
         self.budget = parse_budget(self.budget)
+        if isinstance(self.target, (str, Path)):
+            from compiler.targets import load_target
+
+            self.target = load_target(self.target)
         if self.cost_model is None and self.target is not None:
             from compiler.cost_model import CostModel
 

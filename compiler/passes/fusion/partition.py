@@ -57,7 +57,7 @@ from torch import fx
 
 from compiler.cost_model.rules import as_expr, node_cost
 from compiler.errors import PassError
-from compiler.ir import is_mutating, is_view
+from compiler.ir import at_hints, is_mutating, is_view
 from compiler.passes.base import Pass, PassResult
 from compiler.passes.fusion.region import REGION_KINDS, fuse_nodes
 
@@ -465,19 +465,9 @@ def _is_rotary(cat: fx.Node, inside: set[fx.Node]) -> bool:
 
 def _exceeds_one(speedup: Any, gm: fx.GraphModule) -> bool:
     """`speedup > 1`; a formula in shape symbols is decided at the sizes the graph was captured
-    with (the shape environment's hints)."""
-    if isinstance(speedup, sympy.Basic) and speedup.free_symbols:
-        try:
-            from compiler.ir import fake_mode_of
-
-            hints = dict(fake_mode_of(gm).shape_env.var_to_val)
-        except Exception:  # no shape environment: cannot decide, so do not fuse
-            return False
-        by_name = {s.name: v for s, v in hints.items()}
-        speedup = speedup.subs({s: by_name[s.name] for s in speedup.free_symbols if s.name in by_name})
-        if speedup.free_symbols:
-            return False
-    return bool(speedup > 1)
+    with (the shape environment's hints); one that cannot be decided does not fuse."""
+    value = at_hints(speedup, gm)
+    return value is not None and bool(value > 1)
 
 
 def _restore_order(gm: fx.GraphModule, key: dict[str, tuple[float, int]]) -> None:
