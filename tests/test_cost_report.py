@@ -124,13 +124,14 @@ def test_json_and_markdown_forms(llama_result):
     assert sum(k["count"] for k in data["kernels"]) == cost.after.launches
     totals = [k["total_s"] for k in data["kernels"]]
     assert totals == sorted(totals, reverse=True)
-    mm = next(k for k in data["kernels"] if k["op"] == "aten.mm")
-    assert mm["shape"] == "8x64, 64x128 -> 8x128" and mm["flops"] == 2 * 8 * 64 * 128
+    # the up projections and the LM head (gate projections are matmul_epilogue regions on h100)
+    mm = next(k for k in data["kernels"] if k["op"] == "aten.mm" and k["shape"] == "8x64, 64x128 -> 8x128")
+    assert mm["count"] == 3 and mm["flops"] == 2 * 8 * 64 * 128
     text = cost_markdown(table, kernels, top=3)
     for category in CATEGORIES:
         assert f"| {category} |" in text
     assert "| **total** |" in text and "(3 of " in text
-    assert f"`{kernels[0].op}` | {kernels[0].count} | {kernels[0].shape} |" in text
+    assert f"`{kernels[0].op}` | {kernels[0].count} | {kernels[0].shape or '-'} |" in text  # regions have no shape
 
 
 # -- the roofline ---------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ def test_dynamo_graphs_are_priced_at_the_sizes_they_were_compiled_for():
     (result,) = backend.results
     cost = result.cost
     assert cost.unbound == [] and list(cost.bindings.values()) == [40]
-    mm = next(e for e in cost.after.estimates if e.op == "aten.mm")
+    mm = next(e for e in cost.before.estimates if e.op == "aten.mm")  # after: fused with the relu
     assert float(mm.flops) == 2 * 40 * K * N
     assert cost.summary().startswith("cost model (h100): predicted ")
 

@@ -9,6 +9,9 @@ kernel call it. Everything else stays ATen, never
 all-or-nothing: an op with no lowering, a lowering that declines (`Unsupported`), or a kernel
 that cannot run on this machine keeps the op's reference implementation, and the report says
 which and why.
+
+A region lowering declares the region kinds it takes; `region_kinds(backend)` tells the
+partitioner which kinds are worth forming for a target.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -24,7 +27,7 @@ import torch.fx as fx
 from compiler.errors import Unsupported
 from compiler.ir import arg_values, fake_mode_of
 from compiler.ops.registry import Kernel, LoweringRequest, op_for_target
-from compiler.passes.fusion.region import FusedRegion
+from compiler.passes.fusion.region import REGION_KINDS, FusedRegion
 
 
 @dataclass(frozen=True)
@@ -40,24 +43,44 @@ class RegionRequest:
 
 
 RegionLowering = Callable[[RegionRequest], Kernel]
-_REGION_LOWERINGS: dict[str, list[RegionLowering]] = {}
+# The kinds a lowering takes unless it names others: those of the index-based generators that
+# every backend has, which compute any elementwise op and last-dim reduction.
+GENERIC_REGION_KINDS = ("pointwise", "reduction")
+_REGION_LOWERINGS: dict[str, list[tuple[RegionLowering, frozenset[str]]]] = {}
 
 
-def register_region_lowering(backend: str) -> Callable[[RegionLowering], RegionLowering]:
-    """Add a region lowering for `backend`; lowerings are tried in registration order and
-    decline a region they cannot take by raising `Unsupported`."""
+def register_region_lowering(
+    backend: str, kinds: Sequence[str] = GENERIC_REGION_KINDS
+) -> Callable[[RegionLowering], RegionLowering]:
+    """Add a region lowering for `backend` that takes regions of `kinds`; lowerings are tried in
+    registration order and decline a region they cannot take by raising `Unsupported`."""
+    unknown = sorted(set(kinds) - set(REGION_KINDS))
+    if unknown:
+        raise ValueError(f"unknown region kind(s) {unknown}; kinds are {list(REGION_KINDS)}")
 
     def decorate(fn: RegionLowering) -> RegionLowering:
-        _REGION_LOWERINGS.setdefault(backend, []).append(fn)
+        _REGION_LOWERINGS.setdefault(backend, []).append((fn, frozenset(kinds)))
         return fn
 
     return decorate
 
 
+def region_kinds(backend: str | None = None) -> frozenset[str]:
+    """The region kinds that some lowering of `backend` takes; with no backend (a pass run
+    without a target), the kinds that every backend takes. The partitioner forms no others: a
+    region no lowering takes would only run its ATen ops, and a warning."""
+    if backend is not None:
+        return frozenset().union(*(kinds for _, kinds in _REGION_LOWERINGS.get(backend, [])))
+    per_backend = [region_kinds(b) for b in _REGION_LOWERINGS]
+    return frozenset.intersection(*per_backend) if per_backend else frozenset()
+
+
 def _lower_region(region: FusedRegion, args: tuple[Any, ...], target: Any) -> tuple[Kernel | None, str]:
-    """The first kernel a registered lowering makes for the region, or None and why not."""
+    """The first kernel a lowering that takes the region's kind makes for it, or None and why not."""
     reasons = []
-    for lowering in _REGION_LOWERINGS.get(target.codegen, []):
+    for lowering, kinds in _REGION_LOWERINGS.get(target.codegen, []):
+        if region.kind not in kinds:
+            continue
         try:
             return lowering(RegionRequest(region, args, target, run_here=True)), ""
         except Unsupported as exc:

@@ -159,11 +159,14 @@ class CostModel:
     def node(self, node: fx.Node) -> Estimate:
         region = _fused_region(node)
         if region is not None:
-            return self.region(region.ops(), name=node.name)
+            # A region holding a norm (alone or after a residual add) counts as one, as
+            # compiler::rms_norm does; others take the category of their heaviest member.
+            norm = any(part.endswith("norm") for part in region.label.split("+"))
+            return self.region(region.ops(), name=node.name, category="norm" if norm else None)
         cost = self._cost(node)
         return self.estimate(cost.work, node.name, op_name(node), cost.category, cost.generic)
 
-    def region(self, nodes: Iterable[fx.Node], name: str | None = None) -> Estimate:
+    def region(self, nodes: Iterable[fx.Node], name: str | None = None, category: str | None = None) -> Estimate:
         """One fused kernel computing `nodes`: their arithmetic, but only the bytes of the
         region's external inputs (each read once) and of the values used outside it."""
         nodes = list(nodes)
@@ -177,7 +180,8 @@ class CostModel:
         written = _sum(t.nbytes for n in nodes if any(u not in inside for u in n.users) for t in tensors(node_value(n)))
         launches = 1 if any(_nonzero(c.work.launches) for c in costs) else 0
         work = Work(compute.matmul_flops, compute.vector_flops, compute.transcendentals, read, written, launches)
-        category = next((c for c in CATEGORIES if any(x.category == c and _nonzero(x.work.launches) for x in costs)), "other")
+        if category is None:
+            category = next((c for c in CATEGORIES if any(x.category == c and _nonzero(x.work.launches) for x in costs)), "other")
         label = name or (f"region({nodes[0].name}..{nodes[-1].name})" if nodes else "region()")
         return self.estimate(work, label, "fused", category)
 

@@ -546,13 +546,18 @@ def node_value(node: fx.Node) -> Any:
     return describe(node.meta.get("val"), constant=is_constant(node))
 
 
+# Meta key of a fused region's placeholder whose outside value is a constant (a weight).
+CONSTANT_INPUT = "compiler.constant_input"
+
+
 def is_constant(node: fx.Node) -> bool:
-    """True for get_attr nodes and for ops whose inputs are all constants (no placeholder
-    among the ancestors); stops at the first placeholder found."""
+    """True for get_attr nodes, for a fused region's inputs fed by constants, and for ops
+    whose inputs are all constants (no other placeholder among the ancestors); stops at the
+    first input that is not constant."""
     stack, seen = [node], {node}
     while stack:
         n = stack.pop()
-        if n.op == "get_attr":
+        if n.op == "get_attr" or (n.op == "placeholder" and n.meta.get(CONSTANT_INPUT, False)):
             continue
         if n.op != "call_function" or not n.all_input_nodes:
             return False

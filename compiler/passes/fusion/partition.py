@@ -1,5 +1,13 @@
-"""FusePartition: group elementwise ops and last-dim reductions of the ATen graph into fused
-regions (`compiler.passes.fusion.region`), one kernel each, where the cost model says it pays.
+"""FusePartition: group elementwise ops, last-dim reductions, and matmuls with the elementwise ops
+that consume their result, of the ATen graph into fused regions (`compiler.passes.fusion.region`),
+one kernel each, where the cost model says it pays.
+
+Kinds: "pointwise" and "reduction" regions, and "matmul_epilogue" regions: one `mm`, `addmm` or
+`bmm` with its epilogue (a bias, a residual add, an activation, SwiGLU's `silu(x @ Wg) * up`),
+computed on the accumulator of a tiled GEMM before its one store. A kind is formed only when the
+target's backend has a lowering that takes it (`compiler.codegen.region_kinds`): on Triton
+targets all three; on the host (TVM) matmuls stay with the BLAS, boundaries as before; without
+a target, the kinds every backend takes.
 
 Algorithm
 ---------
@@ -10,18 +18,28 @@ Algorithm
      `_log_softmax` and `native_layer_norm`, over the last dim only;
    - *view*: ops whose output aliases their input (view, reshape, unsqueeze, expand, permute,
      transpose, slice, select, `_unsafe_view`), which the cost model prices at zero;
-   - a boundary: anything else: matmuls, SDPA, `compiler::*` ops, embeddings and indexing,
-     factories, random ops, mutating ops, and ops this pass does not know.
+   - *matmul*: `mm`, `addmm` and `bmm` of fp32, fp16 or bf16 tensors, when matmul_epilogue
+     regions are formed;
+   - a boundary: anything else: matmuls otherwise, SDPA, `compiler::*` ops, embeddings and
+     indexing, factories, random ops, mutating ops, and ops this pass does not know.
 2. Mutation: every mutating op (`compiler.ir.is_mutating`) starts a new epoch; a region holds
    nodes of one epoch only, so fusing never moves a read across a write.
 3. Merge along edges in topological order (union of groups, convex by construction). Each
    pointwise or reduction node starts a group and tries to join the group of each of its
-   producers, reached directly or through a chain of views (which join with it). The union is
-   kept when it
+   producers, reached directly or through a chain of views (which join with it). A matmul
+   starts a group and joins none (no prologue: the GEMM reads its operands from memory); its
+   consumers join it, and those that read the product through a view with several users (GELU
+   reads x three times) join it after the walk, once they are one group. The union is kept
+   when it
    - has at most `max_nodes` nodes, all in one epoch, and no view with a user outside it;
    - has one iteration space: a pointwise region's outputs have equal element counts; a
      reduction region's reductions all reduce the same (rows, N) and its outputs have rows*N or
-     rows elements (what a row kernel writes);
+     rows elements (what a row kernel writes); a matmul region holds one matmul, no reduction
+     and none of the matmul's operands, and every member computed from the product, and every
+     output, has the product's element count, the product reaching them through reshapes only
+     (view, `_unsafe_view`, unsqueeze, squeeze: the [M, N] -> [B, S, N] of a linear layer). So
+     each output element is the function of the product's element at the same flat position,
+     which the GEMM's tile holds (other operands broadcast or have that shape);
    - keeps the graph of groups acyclic: a search from the union's outside users, which enters
      and leaves every other group as one node, must not come back into the union. Nodes are
      visited in topological order, so every grouped node lies before a high-water mark and the
@@ -29,16 +47,21 @@ Algorithm
    Every group is therefore convex and contracting all of them leaves a DAG; networkx checks
    that once more on the quotient graph before anything is rewritten.
 4. Leading views whose users all lie in one group join it: the region then reads the buffer
-   the views alias, once.
+   the views alias, once. The views a matmul reads as an operand stay out (a transposed
+   weight, `t(w)`): the GEMM reads the view itself, through its strides. A matmul with no
+   launching op fused after it is no candidate: alone it is the BLAS's job.
 5. Gate: a group needs `min_ops` launching ops and, when the context has a cost model, a
    predicted speedup above 1 (`cost_model.compare(nodes, cost_model.region(nodes))`).
 6. Label the LLM patterns a group holds (swiglu, rotary, softmax, log_softmax, rms_norm,
-   layer_norm, residual+norm, gelu, repeat_kv), replace each group by `fuse_nodes`, and put the
+   layer_norm, residual+norm, gelu, repeat_kv; a matmul region is "linear" or "bmm" with its
+   epilogue's bias, residual and patterns, e.g. "linear+swiglu", "linear+bias+gelu", or
+   "matmul_epilogue" when none is known), replace each group by `fuse_nodes`, and put the
    nodes back in their original order (a stable topological sort: `fuse_nodes` moves the
    users of early region outputs after the region call).
 
-Not formed yet: `matmul_epilogue` regions (a matmul with its elementwise epilogue); matmuls stay
-boundaries until codegen has a template for them.
+The cost model prices a matmul region as one kernel doing the matmul's FLOPs and its epilogue's,
+reading the operands and the epilogue's other inputs and writing the outputs: the product's
+write and read back, and each epilogue op's intermediate, are what fusing saves.
 """
 
 from __future__ import annotations
@@ -60,14 +83,25 @@ from compiler.errors import PassError
 from compiler.ir import at_hints, is_mutating, is_view
 from compiler.passes.base import Pass, PassResult
 from compiler.passes.fusion.region import REGION_KINDS, fuse_nodes
+from compiler.targets import load_target
 
 if TYPE_CHECKING:
     from compiler.passes.pipeline import PassContext
 
 aten = torch.ops.aten
 
-POINTWISE, REDUCTION, VIEW = "pointwise", "reduction", "view"
-FORMED_KINDS = (POINTWISE, REDUCTION)
+POINTWISE, REDUCTION, VIEW, MATMUL = "pointwise", "reduction", "view", "matmul"
+MATMUL_EPILOGUE = "matmul_epilogue"
+FORMED_KINDS = (POINTWISE, REDUCTION, MATMUL_EPILOGUE)
+
+MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+_GEMM_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+# Views that keep the elements' row-major order: an epilogue reads the product through these
+# only (codegen relies on it: compiler.codegen.triton.matmul).
+RESHAPES = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
+    aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
+}
 
 _COPIES = {aten._to_copy.default, aten.clone.default, aten.copy.default, aten.cat.default}
 # Reductions with a `dim` argument (second positional); None or [] means every dim.
@@ -80,12 +114,14 @@ _NORMS = {aten.native_layer_norm.default}
 
 
 class FusePartition(Pass):
-    """Form pointwise and reduction regions (see the module docstring for the algorithm).
+    """Form pointwise, reduction and matmul_epilogue regions (see the module docstring for the
+    algorithm).
 
-    Options: `kinds`, the region kinds to form (a subset of "pointwise", "reduction"; pointwise
-    ops still join reduction regions as prologue and epilogue when only "reduction" is asked
-    for); `max_nodes`, the most nodes (views included) in one region; `min_ops`, the fewest
-    launching ops (kernels of the unfused graph) worth a region.
+    Options: `kinds`, the region kinds to form (a subset of "pointwise", "reduction",
+    "matmul_epilogue", of which only those the target's backend lowers are formed; pointwise
+    ops still join reduction and matmul regions as prologue and epilogue when only those are
+    asked for); `max_nodes`, the most nodes (views included) in one region; `min_ops`, the
+    fewest launching ops (kernels of the unfused graph) worth a region.
     """
 
     name = "fuse_regions"
@@ -110,12 +146,13 @@ class FusePartition(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
         model = ctx.cost_model
-        planner = Planner(gm, self.kinds, self.max_nodes)
+        kinds = self.formed_kinds(ctx)
+        planner = Planner(gm, kinds, self.max_nodes)
         groups = planner.plan()
         rejected: Counter[str] = Counter()
         chosen: list[_Region] = []
         for nodes, kind in groups:
-            if kind not in self.kinds:
+            if kind not in kinds:
                 rejected["kind"] += 1
                 continue
             launching = sum(1 for n in nodes if launches(n))
@@ -133,8 +170,18 @@ class FusePartition(Pass):
             chosen.append(_Region([n.name for n in nodes], kind, label(nodes) or kind, launching, before, after))
         planner.check_acyclic([set(r.names) for r in chosen])
         self._fuse(gm, chosen, result)
-        result.stats = _stats(chosen, rejected)
+        result.stats = {"kinds": list(kinds), **_stats(chosen, rejected)}
         return result
+
+    def formed_kinds(self, ctx: PassContext) -> tuple[str, ...]:
+        """The asked-for kinds that the target's backend lowers; without a target, those that
+        every backend lowers."""
+        # Imported here: compiler.codegen imports the region module of this package.
+        from compiler.codegen import region_kinds
+
+        backend = load_target(ctx.target).codegen if ctx.target is not None else None
+        lowered = region_kinds(backend)
+        return tuple(k for k in self.kinds if k in lowered)
 
     def _fuse(self, gm: fx.GraphModule, chosen: list[_Region], result: PassResult) -> None:
         if not chosen:
@@ -187,6 +234,8 @@ class Planner:
         self.kind = {n: classify(n) for n in self.nodes}
         if REDUCTION not in kinds:
             self.kind = {n: (None if k == REDUCTION else k) for n, k in self.kind.items()}
+        if MATMUL_EPILOGUE not in kinds:
+            self.kind = {n: (None if k == MATMUL else k) for n, k in self.kind.items()}
         self.epoch: dict[fx.Node, int] = {}
         writes = 0
         for n in self.nodes:
@@ -198,23 +247,30 @@ class Planner:
     def plan(self) -> list[tuple[list[fx.Node], str]]:
         """The groups (nodes in graph order) with their kinds, first group first."""
         for n in self.nodes:
-            if self.kind[n] not in (POINTWISE, REDUCTION) or n in self.group_of:
+            if self.kind[n] not in (POINTWISE, REDUCTION, MATMUL) or n in self.group_of:
                 continue
             unit = {n, *(u for u in n.users if u.target is operator.getitem)}
             group = _Group(unit, self.epoch[n])
             for m in unit:
                 self.group_of[m] = group
             self.high = max(self.high, *(self.order[m] for m in unit))
+            if self.kind[n] == MATMUL:
+                continue  # no prologue: its consumers join it
             for a in dict.fromkeys(n.all_input_nodes):
                 chain, producer = self._view_chain(a)
                 if producer is not None and producer in self.group_of and self.group_of[producer] is not self.group_of[n]:
                     self._try_merge(self.group_of[n], self.group_of[producer], chain)
+        for n in self.nodes:
+            if self.kind[n] == MATMUL:
+                self._join_shared_view_consumers(n)
         groups = list({id(g): g for g in self.group_of.values()}.values())
         for g in groups:
             self._absorb_leading_views(g)
         out = []
         for g in sorted(groups, key=lambda g: min(self.order[m] for m in g.nodes)):
             kind = self._space(g.nodes)  # a singleton unit always has one; merges kept theirs
+            if kind == MATMUL_EPILOGUE and not any(launches(m) for m in g.nodes if self.kind[m] != MATMUL):
+                continue  # a matmul alone: nothing to fuse
             if kind is not None:
                 out.append((sorted(g.nodes, key=self.order.__getitem__), kind))
         return out
@@ -242,11 +298,32 @@ class Planner:
             self.group_of[m] = merged
         return True
 
+    def _join_shared_view_consumers(self, mm: fx.Node) -> None:
+        """Merge into the matmul's group the group that reads the product through a view with
+        several users (GELU reads x three times). While the walk met those users they were
+        separate groups, and a view with users outside a union cannot join it; by now they may
+        be one group."""
+        for v in list(mm.users):
+            chain = []
+            while self.kind[v] == VIEW and v not in self.group_of:
+                chain.append(v)
+                if len(v.users) != 1:
+                    break
+                v = next(iter(v.users))
+            consumers = {self.group_of.get(u) for u in chain[-1].users} if chain else set()
+            if len(consumers) == 1 and None not in consumers:
+                (group,) = consumers
+                if group is not self.group_of[mm]:
+                    self._try_merge(group, self.group_of[mm], chain)
+
     def _space(self, members: set[fx.Node]) -> str | None:
         """The kind of kernel that can compute `members` in one iteration space, or None."""
         outputs = [m for m in members if any(u not in members for u in m.users)]
         numels = {_numel(m) for m in outputs}
         reductions = [m for m in members if self.kind[m] == REDUCTION]
+        matmuls = [m for m in members if self.kind[m] == MATMUL]
+        if matmuls:
+            return MATMUL_EPILOGUE if not reductions and self._is_epilogue(matmuls, members, outputs) else None
         if not reductions:
             return POINTWISE if len(numels) <= 1 else None
         signatures = {row_signature(r) for r in reductions}
@@ -254,6 +331,28 @@ class Planner:
             return None
         rows, n = signatures.pop()
         return REDUCTION if numels <= {rows * n, rows} else None
+
+    def _is_epilogue(self, matmuls: list[fx.Node], members: set[fx.Node], outputs: list[fx.Node]) -> bool:
+        """Whether `members` are one matmul and ops that a GEMM computes on its output tile:
+        none of the matmul's operands, and the product's elements reach every output, and every
+        member computed from them, through reshapes and elementwise ops only. A member read
+        only by reductions is left to them as their prologue (the `x**2` of an RMSNorm after a
+        residual add): here it would be one more output, which the reduction's region computes
+        from what it reads anyway."""
+        if len(matmuls) != 1:
+            return False
+        (mm,) = matmuls
+        if any(a in members for a in gemm_operands(mm)):
+            return False
+        if any(m.users and all(u not in members and self.kind[u] == REDUCTION for u in m.users) for m in members):
+            return False
+        size = _numel(mm)
+        if any(not _same(_numel(o), size) for o in outputs):
+            return False
+        return all(
+            _same(_numel(m), size) and (self.kind[m] != VIEW or m.target in RESHAPES)
+            for m in _computed_from(mm, members)
+        )
 
     def _reenters(self, members: set[fx.Node]) -> bool:
         """True when a path leaves `members` and comes back, other groups counting as one node."""
@@ -283,6 +382,7 @@ class Planner:
                     if (
                         self.kind[v] == VIEW and v not in self.group_of and self.epoch[v] == g.epoch
                         and len(g.nodes) < self.max_nodes and all(u in g.nodes for u in v.users)
+                        and not any(self.kind[u] == MATMUL and v in gemm_operands(u) for u in v.users)
                     ):
                         g.nodes.add(v)
                         self.group_of[v] = g
@@ -303,13 +403,17 @@ class Planner:
 
 
 def classify(node: fx.Node) -> str | None:
-    """"pointwise", "reduction", "view", or None for a region boundary."""
+    """"pointwise", "reduction", "view", "matmul", or None for a region boundary."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
         return None
     if is_mutating(node) or torch.Tag.nondeterministic_seeded in target.tags:
         return None
     val = node.meta.get("val")
+    if target in MATMULS:
+        tensors = [*_input_tensors(node), val]
+        ok = isinstance(val, torch.Tensor) and all(t.layout == torch.strided and t.dtype in _GEMM_DTYPES for t in tensors)
+        return MATMUL if ok and len({(t.dtype, t.device) for t in tensors}) == 1 else None
     if _is_view(target):
         return VIEW if isinstance(val, torch.Tensor) and node.args and isinstance(node.args[0], fx.Node) else None
     if target in _DIM_REDUCTIONS or target in _SOFTMAXES or target in _NORMS:
@@ -328,6 +432,28 @@ def _is_view(target: torch._ops.OpOverload) -> bool:
     """A view with one Tensor output (multi-output views such as split stay boundaries)."""
     returns = target._schema.returns
     return is_view(target) and len(returns) == 1 and str(returns[0].type) == "Tensor"
+
+
+def gemm_operands(node: fx.Node) -> tuple[Any, ...]:
+    """The two matrices a matmul multiplies (addmm's first argument is the bias)."""
+    return tuple(node.args[1:3]) if node.target is aten.addmm.default else tuple(node.args[:2])
+
+
+def _computed_from(source: fx.Node, members: set[fx.Node]) -> set[fx.Node]:
+    """The members that `source`'s value reaches through members."""
+    found: set[fx.Node] = set()
+    stack = [source]
+    while stack:
+        for u in stack.pop().users:
+            if u in members and u not in found:
+                found.add(u)
+                stack.append(u)
+    return found
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal sizes, proven for every value of the shape symbols."""
+    return a is not None and b is not None and sympy.expand(sympy.sympify(a) - b) == 0
 
 
 def _input_tensors(node: fx.Node) -> list[torch.Tensor]:
@@ -376,8 +502,36 @@ def launches(node: fx.Node) -> bool:
 
 
 def label(nodes: Sequence[fx.Node]) -> str:
-    """The LLM patterns a group holds, joined by "+" (e.g. "residual+rms_norm"), or its kind."""
+    """The LLM patterns a group holds, joined by "+" (e.g. "residual+rms_norm"); a matmul region's
+    starts with "linear" or "bmm" (e.g. "linear+swiglu") and is "matmul_epilogue" when no
+    pattern is known; otherwise "" when none is."""
     inside = set(nodes)
+    gemms = [n for n in nodes if n.target in MATMULS]
+    if gemms:
+        parts = [*_epilogue_parts(gemms[0], inside), *filter(None, _patterns(nodes, inside).split("+"))]
+        return "+".join(["bmm" if gemms[0].target is aten.bmm.default else "linear", *parts]) if parts else MATMUL_EPILOGUE
+    return _patterns(nodes, inside)
+
+
+def _epilogue_parts(mm: fx.Node, inside: set[fx.Node]) -> list[str]:
+    """"bias" (addmm, or an add of a vector along the product's rows) and "residual" (an add of
+    a tensor of the product's size) in a matmul's epilogue."""
+    computed = _computed_from(mm, inside)
+    size, cols = _numel(mm), mm.meta["val"].shape[-1]
+    bias, residual = mm.target is aten.addmm.default, False
+    for add in (n for n in computed if n.target is aten.add.Tensor):
+        for other in add.args[:2]:
+            if not isinstance(other, fx.Node) or other in computed or not isinstance(other.meta.get("val"), torch.Tensor):
+                continue
+            if _same(_numel(other), size):
+                residual = True
+            elif _same(_numel(other), cols) and _same(as_expr(other.meta["val"].shape[-1]), as_expr(cols)):
+                bias = True
+    return [name for name, found in (("bias", bias), ("residual", residual)) if found]
+
+
+def _patterns(nodes: Sequence[fx.Node], inside: set[fx.Node]) -> str:
+    """The elementwise and normalization patterns of `label`."""
 
     def of(*targets: Any) -> list[fx.Node]:
         return [n for n in nodes if n.target in targets]

@@ -20,6 +20,7 @@ import torch
 from torch import fx
 from torch.fx.passes.utils.fuser_utils import erase_nodes, fuse_as_graphmodule, validate_partition
 
+from compiler.cost_model.rules import CONSTANT_INPUT, is_constant
 from compiler.errors import PassError
 from compiler.ir import is_mutating
 
@@ -77,6 +78,9 @@ def fuse_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], kind: str, label: s
     sub_gm, inputs, outputs = fuse_as_graphmodule(gm, list(nodes), name)
     for placeholder, source in zip([n for n in sub_gm.graph.nodes if n.op == "placeholder"], inputs):
         placeholder.meta.update({k: v for k, v in source.meta.items() if k in ("val", "tensor_meta")})
+        # A weight (or a view of one) stays a constant inside the region: the cost model prices
+        # its read as a cold read from memory and a matmul on it as a linear layer.
+        placeholder.meta[CONSTANT_INPUT] = is_constant(source)
     region = FusedRegion(sub_gm, sub_gm.graph, kind, label or name)
     gm.add_submodule(name, region)
     moving: set[fx.Node] = set()
