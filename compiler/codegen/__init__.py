@@ -150,19 +150,45 @@ def _signature(value: Any) -> Any:
     return (type(value).__name__, value)
 
 
+def _region_signature(region: FusedRegion) -> tuple[Any, ...]:
+    """A region's structure up to node names: its kind and, per node, the op, the target, the
+    arguments (other nodes by position) and the value's signature. Regions that agree here
+    compute the same function, so they share a kernel."""
+    index = {n: i for i, n in enumerate(region.graph.nodes)}
+
+    def arg(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return ("node", index[a])
+        if isinstance(a, (list, tuple)):
+            return tuple(arg(x) for x in a)
+        if isinstance(a, dict):
+            return tuple(sorted((k, arg(v)) for k, v in a.items()))
+        return _signature(a)
+
+    nodes = tuple(
+        (n.op, str(n.target) if n.op != "placeholder" else "", arg(n.args), arg(n.kwargs), _signature(n.meta.get("val")))
+        for n in region.graph.nodes
+    )
+    return (region.kind, nodes)
+
+
 def lower_graph(gm: fx.GraphModule, target: Any) -> tuple[fx.GraphModule, CodegenReport]:
     """The executable graph for `target` and what codegen did. `gm` itself is not changed."""
     report = CodegenReport(target.codegen)
     executable = _copy_graph_module(gm)
     mode = fake_mode_of(gm) if any(op_for_target(n.target) for n in gm.graph.nodes) else None
     kernels: dict[tuple[str, str], Kernel] = {}
-    # Call sites with equal arguments (the 30 layers of a model) get one lowering.
-    lowered: dict[tuple[str, Any], Kernel | Unsupported] = {}
+    # Call sites with equal arguments, and regions of equal structure (the 30 layers of a
+    # model), get one lowering.
+    lowered: dict[tuple[str, Any, Any], Any] = {}
     for node in executable.graph.nodes:
         if node.op == "call_module" and isinstance(executable.get_submodule(str(node.target)), FusedRegion):
             region = executable.get_submodule(str(node.target))
             args = tuple(a.meta["val"] if isinstance(a, fx.Node) else a for a in node.args)
-            kernel, why = _lower_region(region, args, target)
+            key = ("region", _region_signature(region), _signature(args))
+            if key not in lowered:
+                lowered[key] = _lower_region(region, args, target)
+            kernel, why = lowered[key]
             if kernel is None:
                 warnings.warn(f"region {node.name} ({region.kind}) runs in ATen: {why}", stacklevel=2)
                 report.fallbacks.append(f"{node.name}: {why}; region runs in ATen")
@@ -182,7 +208,7 @@ def lower_graph(gm: fx.GraphModule, target: Any) -> tuple[fx.GraphModule, Codege
             report.fallbacks.append(f"{node.name}: compiler::{op.name} has no {target.codegen} lowering; runs its reference")
             continue
         args = arg_values(executable, node.args, mode)
-        key = (op.name, _signature(args))
+        key = ("op", op.name, _signature(args))
         if key not in lowered:
             try:
                 lowered[key] = lowering(LoweringRequest(args=args, target=target, run_here=True))
