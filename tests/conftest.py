@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,18 @@ def smollm2():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def kernel_cache_in_tmp(tmp_path, monkeypatch):
+    """Kernels built by the test go to its own cache folder, so every test builds what it runs."""
+    monkeypatch.setenv("COMPILER_CACHE_DIR", str(tmp_path))
+
+
+@pytest.fixture
+def quiet_interpreter():
+    """Triton's interpreter evaluates masked-off lanes too (log(0), 1/0, exp2(-inf - -inf) on
+    padding), and numpy warns about them; the masked results are never stored."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        yield

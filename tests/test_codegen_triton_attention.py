@@ -29,7 +29,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (conftest sets it too)
 
-import warnings
 
 import pytest
 import torch
@@ -52,17 +51,7 @@ BF16_INTERPRETED = dict(rtol=2**-6, atol=2e-2)
 MHA, GQA2, GQA3 = (2, 2), (4, 2), (6, 3)
 
 
-@pytest.fixture(autouse=True)
-def _cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("COMPILER_CACHE_DIR", str(tmp_path))
-
-
-@pytest.fixture(autouse=True)
-def _quiet_interpreter():
-    # The interpreter evaluates masked-off lanes too (exp2(-inf - -inf) on padding rows): numpy warns.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=RuntimeWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("kernel_cache_in_tmp", "quiet_interpreter")
 
 
 def _inputs(batch, heads, seq_q, seq_k, head_dim, head_dim_v=None, dtype=torch.float32, seed=0):

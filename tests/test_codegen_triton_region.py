@@ -26,7 +26,6 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (conftest sets it too)
 
 import ast
-import warnings
 
 import pytest
 import torch
@@ -47,17 +46,7 @@ TRANSCENDENTAL = dict(rtol=1e-5, atol=1e-6)
 REDUCTION = dict(rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(autouse=True)
-def _cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("COMPILER_CACHE_DIR", str(tmp_path))
-
-
-@pytest.fixture(autouse=True)
-def _quiet_interpreter():
-    # The interpreter evaluates masked-off lanes too (log(0), 1/0 on padding): numpy warns.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=RuntimeWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("kernel_cache_in_tmp", "quiet_interpreter")
 
 
 

@@ -26,7 +26,6 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (conftest sets it too)
 
 import copy
-import warnings
 from collections import Counter
 
 import pytest
@@ -49,17 +48,7 @@ aten = torch.ops.aten
 FP32 = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def _cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("COMPILER_CACHE_DIR", str(tmp_path))
-
-
-@pytest.fixture(autouse=True)
-def _quiet_interpreter():
-    # The interpreter evaluates masked-off lanes too: numpy may warn on them.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=RuntimeWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("kernel_cache_in_tmp", "quiet_interpreter")
 
 
 def _randn(*shape, dtype=torch.float32, seed=0):
