@@ -446,39 +446,7 @@ def _prefill_primfunc(shape: _Shape, tiles: _HostTiles) -> Any:
                         else:
                             o[b, q0 + i, h * G + g, c] = out_acc[row, c] / row_sum[row]
 
-    if PADDED:
-
-        @T.prim_func
-        def prefill_padded(
-            q_h: T.handle, k_h: T.handle, v_h: T.handle, pad_h: T.handle, o_h: T.handle, scale: T.float32
-        ):
-            T.func_attr({"tir.noalias": True})
-            nb = T.int32()
-            sq = T.int32()
-            sk = T.int32()
-            mask_len = T.int32()
-            q = T.match_buffer(q_h, (nb, HQ, sq, D), "float32")
-            k = T.match_buffer(k_h, (nb, HKV, sk, D), "float32")
-            v = T.match_buffer(v_h, (nb, HKV, sk, DV), "float32")
-            pad = T.match_buffer(pad_h, (nb, mask_len), "bool")
-            o = T.match_buffer(o_h, (nb, sq, HQ, DV), "float32")
-            attend(q, k, v, pad, o, scale, nb, sq, sk)
-
-        return prefill_padded
-
-    @T.prim_func
-    def prefill(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, scale: T.float32):
-        T.func_attr({"tir.noalias": True})
-        nb = T.int32()
-        sq = T.int32()
-        sk = T.int32()
-        q = T.match_buffer(q_h, (nb, HQ, sq, D), "float32")
-        k = T.match_buffer(k_h, (nb, HKV, sk, D), "float32")
-        v = T.match_buffer(v_h, (nb, HKV, sk, DV), "float32")
-        o = T.match_buffer(o_h, (nb, sq, HQ, DV), "float32")
-        attend(q, k, v, None, o, scale, nb, sq, sk)
-
-    return prefill
+    return _prefill_entry(attend, shape)
 
 
 def _decode_primfunc(shape: _Shape, lanes: int) -> Any:
@@ -594,37 +562,7 @@ def _decode_primfunc(shape: _Shape, lanes: int) -> Any:
                 else:
                     o[head // HQ, 0, head % HQ, d] = acc[d] / total[0]
 
-    if PADDED:
-
-        @T.prim_func
-        def decode_padded(
-            q_h: T.handle, k_h: T.handle, v_h: T.handle, pad_h: T.handle, o_h: T.handle, scale: T.float32
-        ):
-            T.func_attr({"tir.noalias": True})
-            nb = T.int32()
-            sk = T.int32()
-            mask_len = T.int32()
-            q = T.match_buffer(q_h, (nb, HQ, 1, D), "float32")
-            k = T.match_buffer(k_h, (nb, HKV, sk, D), "float32")
-            v = T.match_buffer(v_h, (nb, HKV, sk, DV), "float32")
-            pad = T.match_buffer(pad_h, (nb, mask_len), "bool")
-            o = T.match_buffer(o_h, (nb, 1, HQ, DV), "float32")
-            attend(q, k, v, pad, o, scale, nb, sk)
-
-        return decode_padded
-
-    @T.prim_func
-    def decode(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, scale: T.float32):
-        T.func_attr({"tir.noalias": True})
-        nb = T.int32()
-        sk = T.int32()
-        q = T.match_buffer(q_h, (nb, HQ, 1, D), "float32")
-        k = T.match_buffer(k_h, (nb, HKV, sk, D), "float32")
-        v = T.match_buffer(v_h, (nb, HKV, sk, DV), "float32")
-        o = T.match_buffer(o_h, (nb, 1, HQ, DV), "float32")
-        attend(q, k, v, None, o, scale, nb, sk)
-
-    return decode
+    return _decode_entry(attend, shape)
 
 
 def _host_runner(
@@ -772,39 +710,7 @@ def _prefill_cuda_primfunc(shape: _Shape) -> Any:
                             else:
                                 o[b, i, bh % HQ, d] = acc[d] / stats[1]
 
-    if PADDED:
-
-        @T.prim_func
-        def prefill_padded(
-            q_h: T.handle, k_h: T.handle, v_h: T.handle, pad_h: T.handle, o_h: T.handle, scale: T.float32
-        ):
-            T.func_attr({"tir.noalias": True})
-            nb = T.int32()
-            sq = T.int32()
-            sk = T.int32()
-            mask_len = T.int32()
-            q = T.match_buffer(q_h, (nb, HQ, sq, D), "float32")
-            k = T.match_buffer(k_h, (nb, HKV, sk, D), "float32")
-            v = T.match_buffer(v_h, (nb, HKV, sk, DV), "float32")
-            pad = T.match_buffer(pad_h, (nb, mask_len), "bool")
-            o = T.match_buffer(o_h, (nb, sq, HQ, DV), "float32")
-            attend(q, k, v, pad, o, scale, nb, sq, sk)
-
-        return prefill_padded
-
-    @T.prim_func
-    def prefill(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, scale: T.float32):
-        T.func_attr({"tir.noalias": True})
-        nb = T.int32()
-        sq = T.int32()
-        sk = T.int32()
-        q = T.match_buffer(q_h, (nb, HQ, sq, D), "float32")
-        k = T.match_buffer(k_h, (nb, HKV, sk, D), "float32")
-        v = T.match_buffer(v_h, (nb, HKV, sk, DV), "float32")
-        o = T.match_buffer(o_h, (nb, sq, HQ, DV), "float32")
-        attend(q, k, v, None, o, scale, nb, sq, sk)
-
-    return prefill
+    return _prefill_entry(attend, shape)
 
 
 def _decode_cuda_primfunc(shape: _Shape) -> Any:
@@ -876,7 +782,58 @@ def _decode_cuda_primfunc(shape: _Shape) -> Any:
                 else:
                     o[bh // HQ, 0, bh % HQ, tx] = stats[2] / stats[1]
 
-    if PADDED:
+    return _decode_entry(attend, shape)
+
+
+# Entry points ----------------------------------------------------------------------------------
+# Each kernel body is a macro `attend(q, k, v, pad, o, scale, nb, [sq,] sk)`; these bind it to the
+# PrimFunc's buffers (batch and lengths symbolic), with or without the padding mask.
+
+
+def _prefill_entry(attend: Any, shape: _Shape) -> Any:
+    from tvm.script import tirx as T
+
+    HQ, HKV, D, DV = shape.q_heads, shape.kv_heads, shape.head_dim, shape.value_dim
+    if shape.padded:
+
+        @T.prim_func
+        def prefill_padded(
+            q_h: T.handle, k_h: T.handle, v_h: T.handle, pad_h: T.handle, o_h: T.handle, scale: T.float32
+        ):
+            T.func_attr({"tir.noalias": True})
+            nb = T.int32()
+            sq = T.int32()
+            sk = T.int32()
+            mask_len = T.int32()
+            q = T.match_buffer(q_h, (nb, HQ, sq, D), "float32")
+            k = T.match_buffer(k_h, (nb, HKV, sk, D), "float32")
+            v = T.match_buffer(v_h, (nb, HKV, sk, DV), "float32")
+            pad = T.match_buffer(pad_h, (nb, mask_len), "bool")
+            o = T.match_buffer(o_h, (nb, sq, HQ, DV), "float32")
+            attend(q, k, v, pad, o, scale, nb, sq, sk)
+
+        return prefill_padded
+
+    @T.prim_func
+    def prefill(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, scale: T.float32):
+        T.func_attr({"tir.noalias": True})
+        nb = T.int32()
+        sq = T.int32()
+        sk = T.int32()
+        q = T.match_buffer(q_h, (nb, HQ, sq, D), "float32")
+        k = T.match_buffer(k_h, (nb, HKV, sk, D), "float32")
+        v = T.match_buffer(v_h, (nb, HKV, sk, DV), "float32")
+        o = T.match_buffer(o_h, (nb, sq, HQ, DV), "float32")
+        attend(q, k, v, None, o, scale, nb, sq, sk)
+
+    return prefill
+
+
+def _decode_entry(attend: Any, shape: _Shape) -> Any:
+    from tvm.script import tirx as T
+
+    HQ, HKV, D, DV = shape.q_heads, shape.kv_heads, shape.head_dim, shape.value_dim
+    if shape.padded:
 
         @T.prim_func
         def decode_padded(
