@@ -66,7 +66,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from compiler.codegen.tvm.build import as_kernel_input, build_primfunc, device_source, parse_target
+from compiler.codegen.tvm.build import as_kernel_input, build_primfunc, device_source, host_fp32_lanes, parse_target
 from compiler.codegen.tvm.region import _EXP_LO, _EXP_P, _let, _polynomial
 from compiler.errors import Unsupported
 from compiler.ops import causal_attention as CAUSAL_ATTENTION
@@ -212,24 +212,11 @@ def _host_tiles(shape: _Shape, lanes: int) -> _HostTiles:
     return _HostTiles(lanes, step * blocks, out_vectors)
 
 
-def _host_lanes(target: Any) -> int:
-    """fp32 lanes of the host's vector registers. (TVM 0.27's `llvm_get_vector_width` says 512
-    bits for any x86 CPU, AVX2 ones included, and 16-lane tiles would spill half the registers.)"""
-    from tvm.target.codegen import llvm_get_cpu_features
-
-    features = llvm_get_cpu_features(target)
-    if "avx512f" in features:
-        return 16
-    if "avx" in features:
-        return 8
-    return 4  # SSE, NEON
-
-
 def _lower_for_host(req: LoweringRequest, shape: _Shape, target: Any) -> Kernel:
     for name, t in zip("qkv", req.args[:3]):
         if t.device.type != "cpu":
             raise Unsupported(f"TVM llvm kernel for causal_attention on a {t.device.type} tensor ({name})")
-    tiles = _host_tiles(shape, _host_lanes(target))
+    tiles = _host_tiles(shape, host_fp32_lanes(target))
     funcs = {}
     if shape.prefill:
         funcs["prefill"] = _prefill_primfunc(shape, tiles)

@@ -91,6 +91,20 @@ def _parse_cli(tvm_target: str) -> dict[str, Any]:
     return config
 
 
+def host_fp32_lanes(target: Any) -> int:
+    """fp32 lanes of the host's vector registers, from the CPU features LLVM reports. (TVM 0.27's
+    `llvm_get_vector_width` says 512 bits for any x86 CPU, AVX2 ones included; 16-lane loops
+    then take two registers per value, and polynomial kernels spill.)"""
+    from tvm.target.codegen import llvm_get_cpu_features
+
+    features = llvm_get_cpu_features(target)
+    if "avx512f" in features:
+        return 16
+    if "avx" in features:
+        return 8
+    return 4  # SSE, NEON
+
+
 def build_primfunc(func: Any, tvm_target: str, name: str) -> BuiltFunction:
     """Compile a scheduled PrimFunc for a host target and return its entry point `name`.
 

@@ -52,7 +52,7 @@ import torch
 from torch import fx
 
 from compiler.codegen import RegionRequest, register_region_lowering
-from compiler.codegen.tvm.build import as_kernel_input, build_primfunc, device_source, parse_target
+from compiler.codegen.tvm.build import as_kernel_input, build_primfunc, device_source, host_fp32_lanes, parse_target
 from compiler.errors import Unsupported
 from compiler.ops.registry import Kernel
 
@@ -69,12 +69,13 @@ _DTYPES = {
 # Dtypes computed in fp32 (ATen's opmath); float64 computes in float64.
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _TAKES = "float32, float16, bfloat16, float64 and bool tensors"
-# Static outputs smaller than this run on the calling thread alone. Waking TVM's pool costs more
-# than a small region, and between ATen ops it competes with ATen's OpenMP threads, which spin
-# after each op: on the 2-core host, SmolLM2 prefill at 512 tokens ran 0.82x eager with every
-# region above 16K elements parallel and ~1.0x with none parallel (the memory-bound regions
-# gain little from a second core there). Above 2M elements (SwiGLU at 2048 tokens) the second
-# core pays again.
+# Which regions run on TVM's thread pool. Waking the pool costs more than a small region, and
+# between ATen ops the pool competes with ATen's OpenMP threads, which spin after each op.
+# Measured on the 2-core host (benchmarks/fusion.py, SmolLM2 regions at 2048 tokens): with every
+# region over 16K elements parallel, RMSNorm, rotary and add+norm ran 1.2-1.5x eager; on the
+# calling thread alone, 1.4-2.1x (one core streams what they move). SwiGLU's exp is compute:
+# 0.65x eager on one thread, 1.1x on two. So only regions with a transcendental and at least
+# this many elements go parallel (and symbolic ones, whose size is unknown here).
 _PARALLEL_MIN_ELEMENTS = 1 << 21
 # Threads per block of the manual CUDA schedule.
 _CUDA_THREADS = 256
@@ -110,9 +111,7 @@ def _lower_region(req: RegionRequest) -> Kernel:
     program = _Builder(region, req.args).build()
     if kind == "cuda":
         return _lower_for_cuda(program, req.target.tvm_target, target)
-    from tvm.target.codegen import llvm_get_vector_width
-
-    lanes = max(llvm_get_vector_width(target) // 32, 1)
+    lanes = host_fp32_lanes(target)
     scheduled, how = _schedule_host(program, lanes)
     source = _header(program) + scheduled.script()
     name = program.name
@@ -167,6 +166,7 @@ class _Program:
     tuple_output: bool
     lead: tuple[Any, ...] | None = None  # row dims of the reductions (meta), when there are any
     ops: list[str] = field(default_factory=list)
+    transcendental: bool = False  # some element costs an exp, tanh, erf, pow...
 
 
 def _is_one(d: Any) -> bool:
@@ -407,6 +407,7 @@ class _Builder:
             tuple_output=tuple_output,
             lead=self.lead,
             ops=ops,
+            transcendental=any(isinstance(v, _Value) and v.expensive for v in self.values.values()),
         )
 
     def _runtime_dim(self, d: Any) -> Callable[[dict[str, int]], int]:
@@ -1448,9 +1449,9 @@ def _vector_lanes(meta: Sequence[Any], lanes: int) -> int:
     return math.gcd(_trailing_static(meta), lanes) if meta else 1
 
 
-def _worth_parallel(meta: Sequence[Any]) -> bool:
+def _worth_parallel(meta: Sequence[Any], program: _Program) -> bool:
     numel = _static_numel(meta)
-    return numel is None or numel >= _PARALLEL_MIN_ELEMENTS
+    return numel is None or (program.transcendental and numel >= _PARALLEL_MIN_ELEMENTS)
 
 
 def _schedule_host(program: _Program, lanes: int) -> tuple[Any, str]:
@@ -1519,7 +1520,7 @@ def _schedule_host_pointwise(program: _Program, lanes: int) -> Any:
         else:
             for stage in group:
                 sch.vectorize(sch.get_loops(sch.get_sblock(stage.name))[-1])
-        if _worth_parallel(meta):
+        if _worth_parallel(meta, program):
             sch.parallel(outer)
     return sch.mod["main"]
 
@@ -1583,13 +1584,13 @@ def _schedule_host_rows(program: _Program, lanes: int) -> Any:
         loops = _flatten_and_split(sch, sch.get_sblock(s.name), rest, lanes, skip=skip) if rest else None
         if loops is not None:
             _vectorize_flat(sch, *loops, rest, lanes)
-    if row is not None and _worth_parallel(outputs[0].meta):
+    if row is not None and _worth_parallel(outputs[0].meta, program):
         sch.parallel(row)
     for s in others:
         loops = _flatten_and_split(sch, sch.get_sblock(s.name), s.meta, lanes)
         if loops is not None:
             _vectorize_flat(sch, *loops, s.meta, lanes)
-            if _worth_parallel(s.meta):
+            if _worth_parallel(s.meta, program):
                 sch.parallel(loops[0])
     return sch.mod["main"]
 
@@ -1627,14 +1628,14 @@ def _schedule_host_flat(program: _Program, lanes: int) -> Any:
             loops = sch.get_loops(block)[:-1]
             if loops:
                 row = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-                if _worth_parallel(s.meta):
+                if _worth_parallel(s.meta, program):
                     sch.parallel(row)
             continue
         loops = _flatten_and_split(sch, block, s.meta, lanes)
         if loops is None:
             continue
         _vectorize_flat(sch, *loops, s.meta, lanes)
-        if _worth_parallel(s.meta):
+        if _worth_parallel(s.meta, program):
             sch.parallel(loops[0])
     return sch.mod["main"]
 

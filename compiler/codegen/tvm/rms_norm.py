@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from compiler.codegen.tvm.build import as_kernel_input, build_primfunc, device_source, parse_target
+from compiler.codegen.tvm.build import as_kernel_input, build_primfunc, device_source, host_fp32_lanes, parse_target
 from compiler.errors import Unsupported
 from compiler.ops import rms_norm as RMS_NORM
 from compiler.ops.registry import Kernel, LoweringRequest
@@ -74,13 +74,11 @@ def _rms_norm_primfunc(n: int, x_dtype: str, w_dtype: str, out_dtype: str) -> An
 def _lower_for_host(
     req: LoweringRequest, func: Any, n: int, out_dtype: torch.dtype, name: str, target: Any
 ) -> Kernel:
-    from tvm.target.codegen import llvm_get_vector_width
-
     if req.args[0].device.type != "cpu":
         raise Unsupported(f"TVM llvm kernel for rms_norm on a {req.args[0].device.type} tensor")
     # fp32 lanes of the host's vectors, narrowed to a power of two dividing N so that no loop
     # needs a tail (a tail would keep the reduction from being vectorized).
-    lanes = math.gcd(n, max(llvm_get_vector_width(target) // 32, 1))
+    lanes = math.gcd(n, host_fp32_lanes(target))
     scheduled = _schedule_host(func, n, lanes)
     source = scheduled.script()
     if not req.run_here:
