@@ -265,7 +265,6 @@ def e2e_rows(lengths: list[int], repeats: int) -> list[dict[str, Any]]:
 
 def _compile_probe(length: int) -> None:
     """In a fresh process: load SmolLM2 (untimed), then time capture and compile; print JSON."""
-    import compiler
     from compiler.capture import capture_export
     from compiler.driver import CompileOptions, compile_graph
 
@@ -281,7 +280,6 @@ def _compile_probe(length: int) -> None:
     capture_s = time.perf_counter() - start
     result = compile_graph(captured.gm, CompileOptions.make("host"), sample_inputs=captured.flatten_inputs((), inputs))
     total = time.perf_counter() - start
-    assert compiler is not None
     print(json.dumps({"capture_s": capture_s, "passes_and_codegen_s": total - capture_s, "total_s": total, "kernels": len(result.codegen.kernels)}))
 
 
@@ -317,7 +315,7 @@ def _goals(payload: dict[str, Any]) -> dict[str, Any]:
         goals["regions_vs_eager_median>=1.5"] = {"value": eager, "met": eager >= 1.5}
         goals["regions_vs_inductor_median>=1.0"] = {"value": inductor, "met": inductor >= 1.0}
     for row in payload.get("attention") or []:
-        if row.get("ours") is None and "speedup_vs_sdpa_gqa" not in row:
+        if "speedup_vs_sdpa_gqa" not in row:  # no kernel for these shapes
             continue
         key = f"attention_{row['phase']}_{row['seq_len']}_vs_sdpa>=1.0"
         goals[key] = {"value": row["speedup_vs_sdpa_gqa"], "met": row["speedup_vs_sdpa_gqa"] >= 1.0}

@@ -80,6 +80,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _kv_block_ptrs(k_base, v_base, start_n, offs_n, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd):
+    """Pointers to the K block, transposed to [BLOCK_D, BLOCK_N] so that q @ k is a plain
+    tl.dot, and to the V block, [BLOCK_N, BLOCK_DV], of keys start_n .. start_n + BLOCK_N."""
+    k_ptrs = (k_base + start_n.to(tl.int64) * stride_kn
+              + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
+    v_ptrs = (v_base + start_n.to(tl.int64) * stride_vn
+              + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
+    return k_ptrs, v_ptrs
+
+
+@triton.jit
 def _attend_key_blocks(
     acc, l_i, m_i, q, q_pos,
     k_base, v_base, mask_base,
@@ -101,11 +112,8 @@ def _attend_key_blocks(
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         keys = start_n + offs_n
-        # K is read transposed, [BLOCK_D, BLOCK_N], so that q @ k is a plain tl.dot.
-        k_ptrs = (k_base + start_n.to(tl.int64) * stride_kn
-                  + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
-        v_ptrs = (v_base + start_n.to(tl.int64) * stride_vn
-                  + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
+        k_ptrs, v_ptrs = _kv_block_ptrs(k_base, v_base, start_n, offs_n, offs_d, offs_dv,
+                                        stride_kn, stride_kd, stride_vn, stride_vd)
         k_mask = offs_d[:, None] < HEAD_DIM
         v_mask = offs_dv[None, :] < HEAD_DIM_V
         if DIAGONAL:
@@ -261,10 +269,8 @@ def attention_decode_split_kernel(
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         keys = start_n + offs_n
-        k_ptrs = (k_base + start_n.to(tl.int64) * stride_kn
-                  + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
-        v_ptrs = (v_base + start_n.to(tl.int64) * stride_vn
-                  + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
+        k_ptrs, v_ptrs = _kv_block_ptrs(k_base, v_base, start_n, offs_n, offs_d, offs_dv,
+                                        stride_kn, stride_kd, stride_vn, stride_vd)
         k = tl.load(k_ptrs, mask=(keys[None, :] < seq_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
         qk = tl.dot(q, k, input_precision="ieee") * qk_scale
         # Causal (with Sq > 1 the first queries do not see the last keys); q_pos < seq_k, so

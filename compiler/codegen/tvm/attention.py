@@ -67,9 +67,10 @@ from typing import Any, Callable, Optional
 import torch
 
 from compiler.codegen.tvm.build import as_kernel_input, build_primfunc, device_source, host_fp32_lanes, parse_target
-from compiler.codegen.tvm.region import _EXP_LO, _EXP_P, _let, _polynomial
+from compiler.codegen.tvm.region import _EXP_LO, _let, exp_in_range
 from compiler.errors import Unsupported
 from compiler.ops import causal_attention as CAUSAL_ATTENTION
+from compiler.ops.causal_attention import output_like
 from compiler.ops.registry import Kernel, LoweringRequest
 
 # Keys per block of the prefill (BK): a block of K and one of V (16 KiB each at head dim 64) stay
@@ -242,20 +243,8 @@ def _exp_nonpositive(x: Any) -> Any:
     NaN propagates through the polynomial (the clamp keeps it: NaN < lo is false)."""
     from tvm import tirx
 
-    f32 = "float32"
-    lo = tirx.const(_EXP_LO, f32)
-
-    def reduced(v: Any) -> Any:
-        def power(n: Any) -> Any:
-            # r = v - n*ln2 in [-ln2/2, ln2/2], ln2 in two parts as in Cephes.
-            r = v - n * tirx.const(0.693359375, f32) + n * tirx.const(2.12194440e-4, f32)
-            p = _let("r", r, lambda r: _polynomial(r, _EXP_P) * (r * r) + r + tirx.const(1.0, f32))
-            half_scale = tirx.reinterpret(f32, tirx.shift_left(n.astype("int32") + 126, 23))
-            return p * half_scale * tirx.const(2.0, f32)
-
-        return _let("n", tirx.floor(v * tirx.const(1.44269504088896341, f32) + tirx.const(0.5, f32)), power)
-
-    return _let("x", x, lambda x: _let("v", tirx.Select(x < lo, lo, x), reduced))
+    lo = tirx.const(_EXP_LO, "float32")
+    return _let("x", x, lambda x: _let("v", tirx.Select(x < lo, lo, x), exp_in_range))
 
 
 def _lanes(reduce: Callable[[Any, Any], Any], buf: Any) -> Any:
@@ -559,18 +548,17 @@ def _host_runner(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], scale: float
     ) -> torch.Tensor:
         kernel = decode if q.shape[2] == 1 else prefill
-        # [B, Sq, Hq, Dv], returned as a [B, Hq, Sq, Dv] view: the layout of SDPA's output, which
-        # captured graphs rely on (they view its transpose as [B, Sq, Hq * Dv]).
-        out_shape = (q.shape[0], q.shape[2], shape.q_heads, shape.value_dim)
-        if kernel is None or not _kernel_takes(shape, q, k, v, key_padding_mask, math.prod(out_shape)):
+        out_numel = q.shape[0] * q.shape[2] * shape.q_heads * shape.value_dim
+        if kernel is None or not _kernel_takes(shape, q, k, v, key_padding_mask, out_numel):
             return CAUSAL_ATTENTION.reference(q, k, v, key_padding_mask, scale)
         inputs = [as_kernel_input(q), as_kernel_input(k), as_kernel_input(v)]
         if shape.padded:
             # The whole [B, >= Sk] mask: the kernels read its first Sk columns in place.
             inputs.append(as_kernel_input(key_padding_mask.to(torch.bool)))
-        out = torch.empty(out_shape, dtype=torch.float32)
-        kernel(*inputs, out, float(scale))
-        return out.transpose(1, 2)
+        # The op's output layout: the kernels write its [B, Sq, Hq, Dv] memory order directly.
+        out = output_like(q, v)
+        kernel(*inputs, out.transpose(1, 2), float(scale))
+        return out
 
     return run
 

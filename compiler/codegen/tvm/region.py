@@ -712,26 +712,32 @@ _ERF_Q = (
 )
 
 
+def exp_in_range(v: Any) -> Any:
+    """exp(v) in fp32 for v already clamped to [_EXP_LO, _EXP_HI] (or NaN), as Cephes' expf
+    computes it: exp(v) = 2**n * exp(r), r = v - n*ln2 in [-ln2/2, ln2/2] with ln2 in two parts,
+    exp(r) a polynomial. Callers clamp and handle what lies outside."""
+    tirx = _tir()
+    c = "float32"
+
+    def power(n: Any) -> Any:
+        r = v - n * tirx.const(0.693359375, c) + n * tirx.const(2.12194440e-4, c)
+        p = _let("r", r, lambda r: _polynomial(r, _EXP_P) * (r * r) + r + tirx.const(1.0, c))
+        # 2**n as 2**(n-1) * 2 from the exponent bits, so that n = 128 (just below overflow) is
+        # representable; n = -126 (v at _EXP_LO) gives exponent bits 0, so exactly 0.
+        half_scale = tirx.reinterpret(c, tirx.shift_left(n.astype("int32") + 126, 23))
+        return p * half_scale * tirx.const(2.0, c)
+
+    return _let("n", tirx.floor(v * tirx.const(1.44269504088896341, c) + tirx.const(0.5, c)), power)
+
+
 def _exp(x: Any) -> Any:
     tirx = _tir()
     c = _dtype(x)
     if c != "float32":
         return tirx.exp(x)
 
-    def reduced(v: Any) -> Any:
-        # exp(v) = 2**n * exp(r), r = v - n*ln2 in [-ln2/2, ln2/2]; ln2 in two parts (Cephes).
-        def power(n: Any) -> Any:
-            r = v - n * tirx.const(0.693359375, c) + n * tirx.const(2.12194440e-4, c)
-            p = _let("r", r, lambda r: _polynomial(r, _EXP_P) * (r * r) + r + tirx.const(1.0, c))
-            # 2**n as 2**(n-1) * 2 from the exponent bits, so that n = 128 (just below
-            # overflow) is representable; n = -126 gives 0 (the flush above).
-            half_scale = tirx.reinterpret(c, tirx.shift_left(n.astype("int32") + 126, 23))
-            return p * half_scale * tirx.const(2.0, c)
-
-        return _let("n", tirx.floor(v * tirx.const(1.44269504088896341, c) + tirx.const(0.5, c)), power)
-
     def at(x: Any) -> Any:
-        y = _let("v", tirx.max(tirx.min(x, tirx.const(_EXP_HI, c)), tirx.const(_EXP_LO, c)), reduced)
+        y = _let("v", tirx.max(tirx.min(x, tirx.const(_EXP_HI, c)), tirx.const(_EXP_LO, c)), exp_in_range)
         # The clamp keeps 2**n representable; give back what exp gives above it and for NaN.
         y = tirx.Select(x > tirx.const(_EXP_HI, c), tirx.infinity(c), y)
         return tirx.Select(tirx.isnan(x), x, y)
