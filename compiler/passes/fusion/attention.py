@@ -35,10 +35,15 @@ from compiler.passes.base import Pass, PassResult
 aten = torch.ops.aten
 
 
+def _options(node: fx.Node) -> dict[str, Any]:
+    """The SDPA call's arguments after q, k, v, by name, however they were passed."""
+    return dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), node.args[3:]), **node.kwargs)
+
+
 def _why_not(node: fx.Node) -> str | None:
     """None when the SDPA call is causal attention with nothing else, else why not."""
     q, k, v = (a.meta.get("val") for a in node.args[:3])
-    extra = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), node.args[3:]), **node.kwargs)
+    extra = _options(node)
     if extra.get("attn_mask") is not None:
         return "has an explicit mask"
     if not extra.get("is_causal", False):
@@ -82,7 +87,7 @@ class FuseAttention(Pass):
 
     def _rewrite(self, gm: fx.GraphModule, node: fx.Node, cost_model: Any) -> tuple[fx.Node | None, str]:
         q, k, v = node.args[:3]
-        scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
+        scale = _options(node).get("scale")
         if scale is None:
             scale = float(q.meta["val"].shape[-1]) ** -0.5
         with gm.graph.inserting_before(node):
