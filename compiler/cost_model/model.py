@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 import sympy
 from torch import fx
 
-from compiler.cost_model.rules import CATEGORIES, OpCost, node_cost, node_value, tensors
+from compiler.cost_model.rules import CATEGORIES, OpCost, frozen_graph, node_cost, node_value, tensors
 from compiler.cost_model.work import Expr, Roofline, Work, roofline
 from compiler.targets import Target, load_target
 
@@ -186,7 +186,8 @@ class CostModel:
         return self.estimate(work, label, "fused", category)
 
     def graph(self, gm: fx.GraphModule) -> GraphEstimate:
-        nodes = tuple(self.node(n) for n in gm.graph.nodes if n.op in ("call_function", "call_module"))
+        with frozen_graph():
+            nodes = tuple(self.node(n) for n in gm.graph.nodes if n.op in ("call_function", "call_module"))
         return GraphEstimate(self.target.name, nodes, shape_symbols(gm))
 
     def compare(self, before: Any, after: Any, bindings: Bindings | None = None) -> Comparison:

@@ -43,10 +43,11 @@ their own cost on the op (`compiler_op(..., cost=...)`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import sympy
 import torch
@@ -552,12 +553,13 @@ CONSTANT_INPUT = "compiler.constant_input"
 
 def is_constant(node: fx.Node) -> bool:
     """True for get_attr nodes, for a fused region's inputs fed by constants, and for ops
-    whose inputs are all constants (no other placeholder among the ancestors); stops at the
-    first input that is not constant."""
+    whose inputs are all constants (no other placeholder among the ancestors)."""
+    if _constant_memo is not None:
+        return _constant_with_memo(node, _constant_memo)
     stack, seen = [node], {node}
-    while stack:
+    while stack:  # stops at the first input that is not constant
         n = stack.pop()
-        if n.op == "get_attr" or (n.op == "placeholder" and n.meta.get(CONSTANT_INPUT, False)):
+        if _leaf_constant(n):
             continue
         if n.op != "call_function" or not n.all_input_nodes:
             return False
@@ -566,6 +568,48 @@ def is_constant(node: fx.Node) -> bool:
                 seen.add(i)
                 stack.append(i)
     return True
+
+
+def _leaf_constant(n: fx.Node) -> bool:
+    return n.op == "get_attr" or (n.op == "placeholder" and n.meta.get(CONSTANT_INPUT, False))
+
+
+def _constant_with_memo(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
+    """`is_constant` over a graph that does not change meanwhile: each node is decided once
+    (without the memo, asking every node of a deep graph walks back to its inputs: quadratic)."""
+    stack = [node]
+    while stack:
+        n = stack[-1]
+        if n in memo:
+            stack.pop()
+            continue
+        if _leaf_constant(n) or n.op != "call_function" or not n.all_input_nodes:
+            memo[n] = _leaf_constant(n)
+            stack.pop()
+            continue
+        pending = [i for i in n.all_input_nodes if i not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        memo[n] = all(memo[i] for i in n.all_input_nodes)
+        stack.pop()
+    return memo[node]
+
+
+_constant_memo: dict[fx.Node, bool] | None = None
+
+
+@contextlib.contextmanager
+def frozen_graph() -> Iterator[None]:
+    """Within this block the graphs being priced do not change, so constness is memoized."""
+    global _constant_memo
+    outer = _constant_memo
+    if outer is None:
+        _constant_memo = {}
+    try:
+        yield
+    finally:
+        _constant_memo = outer
 
 
 def node_cost(node: fx.Node) -> OpCost:

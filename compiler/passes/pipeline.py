@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from compiler.budget import Budget, parse_budget
 from compiler.errors import PassError, UserInputError
-from compiler.ir import graph_text
+from compiler.ir import graph_text, recompile
 from compiler.passes.base import CONTEXT_REQUIREMENTS, Pass, PassResult
 
 
@@ -133,7 +133,7 @@ class Pipeline:
             result = p.run(gm, ctx)
             seconds = time.perf_counter() - start
             gm.graph.lint()
-            gm.recompile()
+            recompile(gm)
             for inst in ctx.instruments:
                 inst.run_after_pass(gm, p, ctx, result)
             records.append(PassRecord(p.name, p.lossy, "ran", result=result, seconds=seconds))

@@ -78,9 +78,9 @@ import sympy
 import torch
 from torch import fx
 
-from compiler.cost_model.rules import as_expr, node_cost
+from compiler.cost_model.rules import as_expr, frozen_graph, node_cost
 from compiler.errors import PassError
-from compiler.ir import at_hints, is_mutating, is_view
+from compiler.ir import at_hints, is_mutating, is_view, recompile
 from compiler.passes.base import Pass, PassResult
 from compiler.passes.fusion.region import REGION_KINDS, fuse_nodes
 from compiler.targets import load_target
@@ -151,23 +151,24 @@ class FusePartition(Pass):
         groups = planner.plan()
         rejected: Counter[str] = Counter()
         chosen: list[_Region] = []
-        for nodes, kind in groups:
-            if kind not in kinds:
-                rejected["kind"] += 1
-                continue
-            launching = sum(1 for n in nodes if launches(n))
-            if launching < self.min_ops:
-                rejected["min_ops"] += 1
-                continue
-            before: Any = None
-            after: Any = None
-            if model is not None:
-                cmp = model.compare(nodes, model.region(nodes))
-                before, after = cmp.before.time, cmp.after.time
-                if not _exceeds_one(cmp.speedup, gm):
-                    rejected["cost"] += 1
+        with frozen_graph():  # pricing only; the graph changes in _fuse below
+            for nodes, kind in groups:
+                if kind not in kinds:
+                    rejected["kind"] += 1
                     continue
-            chosen.append(_Region([n.name for n in nodes], kind, label(nodes) or kind, launching, before, after))
+                launching = sum(1 for n in nodes if launches(n))
+                if launching < self.min_ops:
+                    rejected["min_ops"] += 1
+                    continue
+                before: Any = None
+                after: Any = None
+                if model is not None:
+                    cmp = model.compare(nodes, model.region(nodes))
+                    before, after = cmp.before.time, cmp.after.time
+                    if not _exceeds_one(cmp.speedup, gm):
+                        rejected["cost"] += 1
+                        continue
+                chosen.append(_Region([n.name for n in nodes], kind, label(nodes) or kind, launching, before, after))
         planner.check_acyclic([set(r.names) for r in chosen])
         self._fuse(gm, chosen, result)
         result.stats = {"kinds": list(kinds), **_stats(chosen, rejected)}
@@ -650,7 +651,7 @@ def _restore_order(gm: fx.GraphModule, key: dict[str, tuple[float, int]]) -> Non
     for n in ordered:
         output.prepend(n)
     graph.lint()
-    gm.recompile()
+    recompile(gm)
 
 
 def _fmt(t: Any) -> str:

@@ -22,6 +22,7 @@ from torch.fx.passes.utils.fuser_utils import erase_nodes, fuse_as_graphmodule, 
 
 from compiler.cost_model.rules import CONSTANT_INPUT, is_constant
 from compiler.errors import PassError
+from compiler import ir
 from compiler.ir import is_mutating
 
 REGION_KINDS = ("pointwise", "reduction", "matmul_epilogue", "attention")
@@ -105,7 +106,7 @@ def fuse_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], kind: str, label: s
     erase_nodes(gm, list(nodes))
     if recompile:
         gm.graph.lint()
-        gm.recompile()
+        ir.recompile(gm)
     return call
 
 
