@@ -1,11 +1,13 @@
 """Compiler ops: custom torch.library ops that passes insert and backends lower."""
 
 from compiler.ops.registry import Kernel, LoweringRequest, CompilerOp, compiler_op, compiler_ops, op_for_target
+from compiler.ops.block_sparse_attention import block_sparse_attention
 from compiler.ops.causal_attention import causal_attention
 from compiler.ops.rms_norm import rms_norm
 
 __all__ = [
     "CompilerOp",
+    "block_sparse_attention",
     "causal_attention",
     "Kernel",
     "LoweringRequest",
