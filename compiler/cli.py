@@ -1,7 +1,10 @@
 """`optimize MODEL.py --target NAME [--passes a,b] [--disable c] [--budget ppl:+2%] [--out DIR]`
 
 MODEL.py defines `model()` and `example_inputs()` (a tensor, a tuple of args or a dict of
-kwargs), optionally `calibration_batches()` and `evaluation_batches()`. The CLI captures the
+kwargs), optionally `calibration_batches(window, count)` (inputs for lossy passes to calibrate
+on), `evaluation_batches()` and `dynamic_shapes()` (torch.export's dynamic_shapes for the
+example inputs: a graph symbolic in the sequence length serves every length, and passes that
+pay off only on long sequences, such as sparse attention, can then apply). The CLI captures the
 model, runs the pipeline for the target, generates kernels and writes into DIR: `graph.txt`
 (the optimized graph), `kernels/` (generated sources), `plan.json` (passes, what each changed,
 timings, the check against eager, the predicted cost), `report.md`, and the cost model's
@@ -72,6 +75,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"optimize: {msg}", file=sys.stderr, flush=True))
 
     # Validate everything the user typed before any slow work.
+    from compiler.calibration import Calibration
     from compiler.capture import capture_export, split_example_inputs
     from compiler.driver import CompileOptions, compile_graph, write_artifacts
     from compiler.passes import default_pipeline
@@ -90,11 +94,16 @@ def run(argv: Sequence[str] | None = None) -> int:
     model = module.model()
     inputs = module.example_inputs()
     call_args, call_kwargs = split_example_inputs(inputs)
-    say(f"capturing {type(model).__name__} with torch.export")
-    captured = capture_export(model, call_args, call_kwargs)
+    dynamic = module.dynamic_shapes() if callable(getattr(module, "dynamic_shapes", None)) else None
+    say(f"capturing {type(model).__name__} with torch.export" + (" (dynamic shapes)" if dynamic else ""))
+    captured = capture_export(model, call_args, call_kwargs, dynamic_shapes=dynamic)
     say(f"captured {sum(1 for _ in captured.gm.graph.nodes)} nodes; running passes for {options.target.name}")
     sample = captured.flatten_inputs(call_args, call_kwargs)
-    result = compile_graph(captured.gm, options, sample_inputs=sample)
+    calibration = None
+    if callable(getattr(module, "calibration_batches", None)):
+        calibration = Calibration(module.calibration_batches, name=f"{args.model_file}: calibration_batches()")
+        calibration = calibration.with_flatten(lambda inputs: captured.flatten_inputs(*split_example_inputs(inputs)))
+    result = compile_graph(captured.gm, options, sample_inputs=sample, calibration=calibration)
     for record in result.records:
         n = len(record.result.changes) if record.result else 0
         say(f"  {record.name}: {record.status}{' (' + record.reason + ')' if record.reason else ''}, {n} change(s)")

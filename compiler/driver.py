@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from compiler.budget import Budget, parse_budget
+from compiler.calibration import Calibration
 from compiler.capture import Captured
 from compiler.codegen import CodegenReport, lower_graph
 from compiler.cost_model import CostModel
@@ -105,9 +106,15 @@ class CompileResult:
         }
 
 
-def compile_graph(gm: fx.GraphModule, options: CompileOptions, sample_inputs: Sequence[Any] | None = None) -> CompileResult:
+def compile_graph(
+    gm: fx.GraphModule,
+    options: CompileOptions,
+    sample_inputs: Sequence[Any] | None = None,
+    calibration: Calibration | None = None,
+) -> CompileResult:
     """Run the passes on `gm` (in place) and generate code for the target; the cost model
-    prices the graph before and after the passes."""
+    prices the graph before and after the passes. Lossy passes calibrate on `calibration`
+    (flat graph inputs)."""
     start = time.perf_counter()
     cost_model = CostModel(options.target)
     before = cost_model.graph(gm)
@@ -121,6 +128,7 @@ def compile_graph(gm: fx.GraphModule, options: CompileOptions, sample_inputs: Se
         target=options.target,
         budget=options.budget,
         sample_inputs=sample_inputs,
+        calibration_data=calibration,
         disabled=options.disable,
         enabled_only=options.passes,
         instruments=instruments,

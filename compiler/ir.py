@@ -108,6 +108,16 @@ def shallow_recompile() -> Iterator[None]:
         fx.GraphModule._recompile_submodules = regenerate  # type: ignore[method-assign]
 
 
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of the graph (node metadata included, shallowly) that
+    shares the weights and submodules: passes may edit the copy without touching `gm`."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    with shallow_recompile():
+        return fx.GraphModule(gm, graph)
+
+
 def recompile(gm: fx.GraphModule) -> None:
     """`gm.recompile()` without regenerating its submodules (see `shallow_recompile`)."""
     with shallow_recompile():

@@ -70,6 +70,13 @@ def example_inputs() -> Batch:
     return _batch(_windows("abstracts_calibration", PROMPT_TOKENS)[0])
 
 
+def dynamic_shapes() -> dict[str, Any]:
+    """The sequence dimension of `example_inputs()` is symbolic: one captured graph serves every
+    prompt length up to the model's 8192 positions (2 to 8192 tokens)."""
+    seq = torch.export.Dim("seq", min=2, max=8192)
+    return {"input_ids": {1: seq}, "attention_mask": {1: seq}}
+
+
 def calibration_batches(window: int = PROMPT_TOKENS, count: int = 32) -> list[Batch]:
     """`count` input dicts of `window` tokens, half from each `*_calibration.txt` text."""
     return _batches(("abstracts_calibration", "novel_calibration"), window, count)

@@ -11,8 +11,9 @@ import torch
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
-    """A 2-layer Llama (GQA: 4 query heads, 2 key/value heads) in eval mode, float32."""
+def tiny_llama(seed: int = 0, attn_implementation: str | None = None) -> torch.nn.Module:
+    """A 2-layer Llama (GQA: 4 query heads, 2 key/value heads) in eval mode, float32;
+    `attn_implementation` ("sdpa", "eager") as HF takes it, None for HF's default."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -24,16 +25,18 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
+        attn_implementation=attn_implementation,
     )
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
-    """A 2-layer GPT-2 in eval mode (dropout off), float32."""
+def tiny_gpt2(seed: int = 0, attn_implementation: str | None = None) -> torch.nn.Module:
+    """A 2-layer GPT-2 in eval mode (dropout off), float32; `attn_implementation` as for
+    `tiny_llama`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, attn_implementation=attn_implementation)
     return GPT2LMHeadModel(config).eval()
 
 

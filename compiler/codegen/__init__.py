@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from compiler.errors import Unsupported
-from compiler.ir import arg_values, fake_mode_of, recompile, shallow_recompile
+from compiler.ir import arg_values, copy_graph_module, fake_mode_of, recompile
 from compiler.ops.registry import Kernel, LoweringRequest, op_for_target
 from compiler.passes.fusion.region import REGION_KINDS, FusedRegion
 
@@ -118,15 +118,6 @@ class CodegenReport:
         return dict(Counter(f.split(": ", 1)[1] for f in self.fallbacks).most_common())
 
 
-def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of the graph that shares the weights (no tensor copies)."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    with shallow_recompile():
-        return fx.GraphModule(gm, graph)
-
-
 def _use_kernel(node: fx.Node, kernel: Kernel, kernels: dict[tuple[str, str], Kernel], report: CodegenReport) -> None:
     """Record the kernel and, when it runs on this machine, make the node call it."""
     if (kernel.name, kernel.backend) not in kernels:
@@ -192,7 +183,7 @@ def _region_signature(region: FusedRegion) -> tuple[Any, ...]:
 def lower_graph(gm: fx.GraphModule, target: Any) -> tuple[fx.GraphModule, CodegenReport]:
     """The executable graph for `target` and what codegen did. `gm` itself is not changed."""
     report = CodegenReport(target.codegen)
-    executable = _copy_graph_module(gm)
+    executable = copy_graph_module(gm)
     mode = fake_mode_of(gm) if any(op_for_target(n.target) for n in gm.graph.nodes) else None
     kernels: dict[tuple[str, str], Kernel] = {}
     # Call sites with equal arguments, and regions of equal structure (the 30 layers of a

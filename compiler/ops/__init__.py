@@ -4,6 +4,7 @@ from compiler.ops.registry import Kernel, LoweringRequest, CompilerOp, compiler_
 from compiler.ops.block_sparse_attention import block_sparse_attention
 from compiler.ops.causal_attention import causal_attention
 from compiler.ops.rms_norm import rms_norm
+from compiler.ops.sparse_layout import sparse_attention_layout
 
 __all__ = [
     "CompilerOp",
@@ -15,4 +16,5 @@ __all__ = [
     "compiler_ops",
     "op_for_target",
     "rms_norm",
+    "sparse_attention_layout",
 ]

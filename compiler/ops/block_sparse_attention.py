@@ -62,9 +62,11 @@ def block_mask(kv_blocks: torch.Tensor, kv_counts: torch.Tensor, length: int, bl
     """The [..., NB, NB] boolean block mask a layout lists (causal blocks only)."""
     nb = kv_blocks.shape[-2]
     listed = torch.arange(kv_blocks.shape[-1], device=kv_blocks.device) < kv_counts[..., None].long()
-    index = kv_blocks.long().clamp(0, nb - 1)
-    mask = torch.zeros((*kv_blocks.shape[:-1], nb), dtype=torch.bool, device=kv_blocks.device)
-    mask.scatter_(-1, index, listed)  # duplicates scatter the same True
+    # Entries past the count go to a spare column that is dropped: scattered as False into
+    # their block, one of them could undo a listed entry naming the same block.
+    index = torch.where(listed, kv_blocks.long().clamp(0, nb - 1), nb)
+    mask = torch.zeros((*kv_blocks.shape[:-1], nb + 1), dtype=torch.bool, device=kv_blocks.device)
+    mask = mask.scatter_(-1, index, True)[..., :nb]
     causal = torch.ones(nb, nb, dtype=torch.bool, device=mask.device).tril()
     return mask & causal
 

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from compiler.budget import Budget, parse_budget
+from compiler.calibration import Calibration
 from compiler.errors import PassError, UserInputError
 from compiler.ir import graph_text, recompile
 from compiler.passes.base import CONTEXT_REQUIREMENTS, Pass, PassResult
@@ -42,7 +43,7 @@ class PassContext:
 
     target: Any = None
     budget: Budget | str = "lossless"
-    calibration_data: list[Any] | None = None
+    calibration_data: Calibration | None = None
     sample_inputs: Sequence[Any] | None = None
     disabled: set[str] = field(default_factory=set)
     enabled_only: set[str] | None = None
@@ -122,6 +123,9 @@ class Pipeline:
         for p in self.passes:
             if not ctx.is_enabled(p.name):
                 records.append(PassRecord(p.name, p.lossy, "disabled"))
+                continue
+            if p.lossy and ctx.budget.lossless and not (ctx.enabled_only and p.name in ctx.enabled_only):
+                records.append(PassRecord(p.name, p.lossy, "skipped", "lossy, and the budget is lossless: give a budget (ppl:+2%) or name the pass in passes"))
                 continue
             missing = self._missing_requirements(p, ran, ctx)
             if missing:

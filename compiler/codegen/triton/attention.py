@@ -3,7 +3,9 @@
 Part of the codegen step. As in rms_norm.py, the kernels are kept here as source text, which the
 lowering hands to the artifact folder and the runner imports (`runtime.load_module`). The text is
 the same for every call site; head dims, block sizes and the rest are launch constants, and one
-runner picks, per call and from the actual shapes, between two paths:
+runner picks, per call and from the actual shapes, between two paths. The step over one K/V
+block (`KEY_BLOCK_SOURCE`) is also part of the block-sparse kernel's text
+(block_sparse_attention.py).
 
 Prefill (`attention_prefill_kernel`), FlashAttention-2 forward. One program per (batch * query
 head, block of BLOCK_M queries); it keeps its Q tile in registers and streams K/V in blocks of
@@ -74,11 +76,12 @@ from compiler.ops import causal_attention as CAUSAL_ATTENTION
 from compiler.ops.causal_attention import output_like
 from compiler.ops.registry import Kernel, LoweringRequest
 
-KERNEL_SOURCE = '''\
-import triton
-import triton.language as tl
+TRITON_IMPORTS = "import triton\nimport triton.language as tl\n"
 
-
+# Pointers to a K/V block and the online-softmax step over it: the prefill kernel folds in a
+# range of key blocks, the block-sparse kernel (block_sparse_attention.py) the blocks its layout
+# lists.
+KEY_BLOCK_SOURCE = '''\
 @triton.jit
 def _kv_block_ptrs(k_base, v_base, start_n, offs_n, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd):
     """Pointers to the K block, transposed to [BLOCK_D, BLOCK_N] so that q @ k is a plain
@@ -91,6 +94,62 @@ def _kv_block_ptrs(k_base, v_base, start_n, offs_n, offs_d, offs_dv, stride_kn, 
 
 
 @triton.jit
+def _attend_key_block(
+    acc, l_i, m_i, q, q_pos,
+    k_base, v_base, mask_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+    start_n, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    """Fold keys start_n .. start_n + BLOCK_N into the online softmax (acc, l_i, m_i) of the
+    query tile q, whose rows sit at positions q_pos.
+
+    Scores are in base 2 (qk_scale = scale * log2(e)). A DIAGONAL block straddles the causal
+    diagonal or the end of the keys and is masked; any other lies wholly below the diagonal
+    and inside the keys, so it loads and scores without causal or length masks (only the head
+    dims' padding is masked, and with a power-of-two head dim that mask is all true).
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    keys = start_n + offs_n
+    k_ptrs, v_ptrs = _kv_block_ptrs(k_base, v_base, start_n, offs_n, offs_d, offs_dv,
+                                    stride_kn, stride_kd, stride_vn, stride_vd)
+    k_mask = offs_d[:, None] < HEAD_DIM
+    v_mask = offs_dv[None, :] < HEAD_DIM_V
+    if DIAGONAL:
+        k_mask = k_mask & (keys[None, :] < seq_k)
+        v_mask = v_mask & (keys[:, None] < seq_k)
+    k = tl.load(k_ptrs, mask=k_mask, other=0.0)
+    qk = tl.dot(q, k, input_precision="ieee") * qk_scale
+    if DIAGONAL:
+        # q_pos <= seq_k - 1 for real rows, so this also masks the keys past seq_k.
+        qk = tl.where(keys[None, :] <= q_pos[:, None], qk, float("-inf"))
+    if HAS_MASK:
+        if DIAGONAL:
+            keep = tl.load(mask_base + keys * stride_mn, mask=keys < seq_k, other=0)
+        else:
+            keep = tl.load(mask_base + keys * stride_mn)
+        qk = tl.where(keep[None, :] != 0, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if HAS_MASK:
+        # A row with no visible key yet keeps m = -inf; exponentiate against 0 instead, so
+        # that its p and alpha are 0, not NaN (-inf - -inf).
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    p = tl.exp2(qk - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+    return acc, l_i, m_new
+'''
+
+KERNEL_SOURCE = TRITON_IMPORTS + "\n\n" + KEY_BLOCK_SOURCE + '''
+
+@triton.jit
 def _attend_key_blocks(
     acc, l_i, m_i, q, q_pos,
     k_base, v_base, mask_base,
@@ -99,50 +158,15 @@ def _attend_key_blocks(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
-    """Fold keys [start, end) into the online softmax (acc, l_i, m_i) of the query tile q.
-
-    Scores are in base 2 (qk_scale = scale * log2(e)). DIAGONAL blocks straddle the causal
-    diagonal or the end of the keys and are masked; the others lie wholly below the diagonal
-    and inside the keys, so they load and score without causal or length masks (only the head
-    dims' padding is masked, and with a power-of-two head dim that mask is all true).
-    """
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    """Fold keys [start, end), whole key blocks, into the online softmax (acc, l_i, m_i)."""
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        keys = start_n + offs_n
-        k_ptrs, v_ptrs = _kv_block_ptrs(k_base, v_base, start_n, offs_n, offs_d, offs_dv,
-                                        stride_kn, stride_kd, stride_vn, stride_vd)
-        k_mask = offs_d[:, None] < HEAD_DIM
-        v_mask = offs_dv[None, :] < HEAD_DIM_V
-        if DIAGONAL:
-            k_mask = k_mask & (keys[None, :] < seq_k)
-            v_mask = v_mask & (keys[:, None] < seq_k)
-        k = tl.load(k_ptrs, mask=k_mask, other=0.0)
-        qk = tl.dot(q, k, input_precision="ieee") * qk_scale
-        if DIAGONAL:
-            # q_pos <= seq_k - 1 for real rows, so this also masks the keys past seq_k.
-            qk = tl.where(keys[None, :] <= q_pos[:, None], qk, float("-inf"))
-        if HAS_MASK:
-            if DIAGONAL:
-                keep = tl.load(mask_base + keys * stride_mn, mask=keys < seq_k, other=0)
-            else:
-                keep = tl.load(mask_base + keys * stride_mn)
-            qk = tl.where(keep[None, :] != 0, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if HAS_MASK:
-            # A row with no visible key yet keeps m = -inf; exponentiate against 0 instead, so
-            # that its p and alpha are 0, not NaN (-inf - -inf).
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_ref = m_new
-        p = tl.exp2(qk - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
-        m_i = m_new
+        acc, l_i, m_i = _attend_key_block(
+            acc, l_i, m_i, q, q_pos, k_base, v_base, mask_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+            start_n, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DIAGONAL, HAS_MASK,
+        )
     return acc, l_i, m_i
 
 
@@ -412,50 +436,56 @@ def launch_config(block_d: int, dtype: torch.dtype, interpreted: bool) -> Launch
 @CAUSAL_ATTENTION.register_lowering("triton")
 def lower_causal_attention(req: LoweringRequest) -> Kernel:
     q, k, v, key_padding_mask, _scale = req.args
-    head_dim, head_dim_v = _head_dims(q, k, v, key_padding_mask)
-    block_d, block_dv = (max(MIN_DOT, _next_power_of_2(d)) for d in (head_dim, head_dim_v))
+    if key_padding_mask is not None and key_padding_mask.dim() != 2:
+        raise Unsupported(f"causal_attention with a {key_padding_mask.dim()}-d key padding mask (kernels read [B, Sk])")
+    head_dim, head_dim_v = head_dims("causal_attention", q, k, v)
+    block_d, block_dv = (max(MIN_DOT, next_power_of_2(d)) for d in (head_dim, head_dim_v))
     config = launch_config(max(block_d, block_dv), q.dtype, interpreting())
     compute_units = _compute_units(req.target)
     name = kernel_name(head_dim, head_dim_v, q.dtype)
     source = _header(name, head_dim, head_dim_v, block_d, block_dv, config, compute_units) + KERNEL_SOURCE
-    why_not = why_not_runnable(req, q.device.type)
-    if not why_not and q.dtype == torch.bfloat16 and interpreting() and not INTERPRETER_BF16_DOT:
-        why_not = "not loaded: Triton's interpreter computes bf16 tl.dot on raw bits (triton-lang/triton#11584)"
+    why_not = why_not_loaded(req, q)
     if why_not:
         return Kernel(name, "triton", source, note=why_not)
     shapes = _Shapes(head_dim, head_dim_v, block_d, block_dv)
-    return Kernel(name, "triton", source, runner=_runner(_kernel_module(), shapes, config, compute_units))
+    module = kernel_module("causal_attention", KERNEL_SOURCE)
+    return Kernel(name, "triton", source, runner=_runner(module, shapes, config, compute_units))
 
 
-def kernel_name(head_dim: int, head_dim_v: int, dtype: torch.dtype) -> str:
+def why_not_loaded(req: LoweringRequest, q: Any) -> str:
+    """Empty when an attention kernel over q's dtype and device runs here, else why not: as
+    `why_not_runnable`, and bf16 under the interpreter (see INTERPRETER_BF16_DOT)."""
+    why_not = why_not_runnable(req, q.device.type)
+    if not why_not and q.dtype == torch.bfloat16 and interpreting() and not INTERPRETER_BF16_DOT:
+        why_not = "not loaded: Triton's interpreter computes bf16 tl.dot on raw bits (triton-lang/triton#11584)"
+    return why_not
+
+
+def kernel_name(head_dim: int, head_dim_v: int, dtype: torch.dtype, op: str = "causal_attention") -> str:
     """One name per specialization: causal_attention_float16_d64 (plus _dv<n> when V differs)."""
     dv = "" if head_dim_v == head_dim else f"_dv{head_dim_v}"
-    return f"causal_attention_{str(dtype).removeprefix('torch.')}_d{head_dim}{dv}"
+    return f"{op}_{str(dtype).removeprefix('torch.')}_d{head_dim}{dv}"
 
 
-def _head_dims(q: Any, k: Any, v: Any, key_padding_mask: Any) -> tuple[int, int]:
-    """(D, Dv) after checking that the call site is one the kernels handle; raises Unsupported,
-    so the call site keeps the reference. Batch, heads and lengths may be symbolic: the runner
-    reads them per call."""
+def head_dims(op: str, q: Any, k: Any, v: Any) -> tuple[int, int]:
+    """(D, Dv) after checking that the call site of `op` has q, k, v the kernels handle; raises
+    Unsupported, so the call site keeps the reference. Batch, heads and lengths may be
+    symbolic: the runner reads them per call."""
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         ranks = f"{q.dim()}-d, {k.dim()}-d, {v.dim()}-d"
-        raise Unsupported(f"causal_attention kernels take [B, H, S, D] q, k, v, not {ranks}")
+        raise Unsupported(f"{op} kernels take [B, H, S, D] q, k, v, not {ranks}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in KERNEL_DTYPES:
-        raise Unsupported(f"causal_attention with q, k, v of dtypes {q.dtype}, {k.dtype}, {v.dtype}")
-    if key_padding_mask is not None and key_padding_mask.dim() != 2:
-        raise Unsupported(f"causal_attention with a {key_padding_mask.dim()}-d key padding mask (kernels read [B, Sk])")
+        raise Unsupported(f"{op} with q, k, v of dtypes {q.dtype}, {k.dtype}, {v.dtype}")
     dims = (q.shape[-1], k.shape[-1], v.shape[-1])
     if not all(is_concrete_int(d) for d in dims):
-        raise Unsupported(f"causal_attention over symbolic head dims {dims}; the kernels fix them")
+        raise Unsupported(f"{op} over symbolic head dims {dims}; the kernels fix them")
     head_dim, k_dim, head_dim_v = (int(d) for d in dims)
     if head_dim != k_dim:
-        raise Unsupported(f"causal_attention with q head dim {head_dim} and k head dim {k_dim}")
+        raise Unsupported(f"{op} with q head dim {head_dim} and k head dim {k_dim}")
     if not (0 < head_dim <= MAX_HEAD_DIM and 0 < head_dim_v <= MAX_HEAD_DIM):
-        raise Unsupported(
-            f"causal_attention kernels handle head dims 1..{MAX_HEAD_DIM}, not {head_dim} (v: {head_dim_v})"
-        )
+        raise Unsupported(f"{op} kernels handle head dims 1..{MAX_HEAD_DIM}, not {head_dim} (v: {head_dim_v})")
     return head_dim, head_dim_v
 
 
@@ -489,10 +519,10 @@ def _header(
     )
 
 
-def _kernel_module() -> ModuleType:
-    """KERNEL_SOURCE as an imported module, named by its content."""
-    digest = hashlib.sha256(KERNEL_SOURCE.encode()).hexdigest()[:16]
-    return load_module(f"causal_attention_{digest}", KERNEL_SOURCE)
+def kernel_module(prefix: str, source: str) -> ModuleType:
+    """Kernel `source` as an imported module, named by `prefix` and its content."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    return load_module(f"{prefix}_{digest}", source)
 
 
 @dataclass(frozen=True)
@@ -580,14 +610,14 @@ def _runner(
             decode_split[(programs, splits)](
                 q, k, v, out, mask, part_o, part_lse, *strides,
                 n_kv_heads, group, seq_q, seq_k, keys_per_split, splits, qk_scale, **dims,
-                BLOCK_R=max(MIN_DOT, _next_power_of_2(group * seq_q)), BLOCK_N=config.decode_block_n,
+                BLOCK_R=max(MIN_DOT, next_power_of_2(group * seq_q)), BLOCK_N=config.decode_block_n,
                 HAS_MASK=has_mask, SINGLE_SPLIT=splits == 1,
                 num_warps=config.decode_warps, num_stages=config.decode_stages,
             )
             if splits > 1:
                 decode_combine[(rows,)](
                     part_o, part_lse, out, *out.stride(), n_q_heads, seq_q, splits,
-                    HEAD_DIM_V=shapes.head_dim_v, BLOCK_DV=shapes.block_dv, BLOCK_S=_next_power_of_2(splits),
+                    HEAD_DIM_V=shapes.head_dim_v, BLOCK_DV=shapes.block_dv, BLOCK_S=next_power_of_2(splits),
                     # one head-dim row a program: a warp per 128 values (4 a thread)
                     num_warps=max(1, shapes.block_dv // 128),
                 )
@@ -604,5 +634,5 @@ def _runner(
     return run
 
 
-def _next_power_of_2(n: int) -> int:
+def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()

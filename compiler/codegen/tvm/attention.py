@@ -183,16 +183,20 @@ def _shape(
 
 @dataclass(frozen=True)
 class _HostTiles:
-    """Block and register-tile sizes of the host kernels for one shape and vector width."""
+    """Block and register-tile sizes of the host kernels for one shape and vector width. The
+    register tiles default to this module's; `block_sparse_attention` shapes its own."""
 
     lanes: int  # fp32 lanes of a vector register
     query_block: int  # BQ
     out_vectors: int  # vectors of V columns per P @ V tile
+    score_keys: int = _SCORE_KEYS  # keys per score tile
+    score_vectors: int = _SCORE_VECTORS  # vectors of rows per score tile
+    out_rows: int = _OUT_ROWS  # rows per P @ V tile
 
     @property
     def panel(self) -> int:
         """Rows per score panel: the lanes of the score tile."""
-        return _SCORE_VECTORS * self.lanes
+        return self.score_vectors * self.lanes
 
 
 def _host_tiles(shape: _Shape, lanes: int) -> _HostTiles:
@@ -262,21 +266,23 @@ def _max(a: Any, b: Any) -> Any:
     return tirx.max(a, b)
 
 
-def _prefill_primfunc(shape: _Shape, tiles: _HostTiles) -> Any:
-    """The prefill PrimFunc (q, k, v[, key_padding_mask], out, scale) for the host; see the
-    module docstring."""
+def key_block_macro(
+    tiles: _HostTiles, rows: int, head_dim: int, value_dim: int, padded: bool, block_keys: int = _KEY_BLOCK
+) -> Any:
+    """The step both host prefills repeat (this one and `block_sparse_attention`'s): one block of
+    BK = `block_keys` keys (a multiple of the score tile's keys) taken into a work item's `rows`
+    rows (whole panels of the score tile), as the module docstring describes. The macro's
+    arguments are the work item's buffers, the scratch its caller allocates once per item (so
+    that no allocation sits in the key loop) and the block."""
     from tvm.script import tirx as T
 
-    HQ, HKV, D, DV, G = shape.q_heads, shape.kv_heads, shape.head_dim, shape.value_dim, shape.group
-    L, BQ, BK = tiles.lanes, tiles.query_block, _KEY_BLOCK
-    ROWS = G * BQ
-    RK, NQV, WQ = _SCORE_KEYS, _SCORE_VECTORS, tiles.panel
-    RP, NCV = _OUT_ROWS, tiles.out_vectors
+    D, DV, L, BK = head_dim, value_dim, tiles.lanes, block_keys
+    RK, NQV, WQ = tiles.score_keys, tiles.score_vectors, tiles.panel
+    RP, NCV = tiles.out_rows, tiles.out_vectors
     WC = NCV * L
-    PANELS = ROWS // WQ
-    PADDED = shape.padded
+    PANELS = rows // WQ
+    PADDED = padded
     exp = _exp_nonpositive
-    no_score = _NO_SCORE
     masked_out = -math.inf
 
     @T.macro
@@ -353,6 +359,23 @@ def _prefill_primfunc(shape: _Shape, tiles: _HostTiles) -> Any:
                         for a in T.unroll(NCV):
                             for l in T.vectorized(L):
                                 out_acc[r0 + rt * RP + ri, c0 + a * L + l] = o_tile[ri, a, l]
+
+    return key_block
+
+
+def _prefill_primfunc(shape: _Shape, tiles: _HostTiles) -> Any:
+    """The prefill PrimFunc (q, k, v[, key_padding_mask], out, scale) for the host; see the
+    module docstring."""
+    from tvm.script import tirx as T
+
+    HQ, HKV, D, DV, G = shape.q_heads, shape.kv_heads, shape.head_dim, shape.value_dim, shape.group
+    L, BQ, BK = tiles.lanes, tiles.query_block, _KEY_BLOCK
+    ROWS = G * BQ
+    RK, NQV, WQ = tiles.score_keys, tiles.score_vectors, tiles.panel
+    RP, NCV = tiles.out_rows, tiles.out_vectors
+    PADDED = shape.padded
+    no_score = _NO_SCORE
+    key_block = key_block_macro(tiles, ROWS, D, DV, PADDED)
 
     @T.macro
     def attend(q, k, v, pad, o, scale, nb, sq, sk):
