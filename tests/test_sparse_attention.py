@@ -244,3 +244,37 @@ def test_recall_one_keeps_every_head_dense() -> None:
     record = _record(compiled)
     assert not record.result.changes
     assert all(h == "dense" for s in record.result.stats["sites"] for h in s["heads"])
+
+
+def test_padding_mask_is_applied_per_key() -> None:
+    q, k = _qk(s=100, hkv=4)
+    v = torch.randn_like(k)
+    mask = block_masks(q, k, Spec((HeadPattern("streaming", sink=1, window=2),) * 4, BS))
+    blocks, counts = layout_from_mask(mask)
+    pad = torch.ones(1, 100, dtype=torch.bool)
+    pad[0, 20:30] = False
+    out = torch.ops.compiler.block_sparse_attention(q, k, v, blocks, counts, 0.25, BS, 1.0, pad)
+    dense = mask[0].repeat_interleave(BS, 1)[:, :100].repeat_interleave(BS, 2)[:, :, :100]  # [H, S, S]
+    allowed = dense & torch.ones(100, 100, dtype=torch.bool).tril() & pad[0]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[None], scale=0.25)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_pass_carries_the_key_padding_mask() -> None:
+    model = tiny_llama()
+    from compiler.passes import default_pipeline
+    from compiler.passes.sparse import SparseAttention
+
+    pipeline = default_pipeline()
+    pipeline.passes[pipeline.names().index("sparse_attention")] = SparseAttention(block_size=BS, method="streaming", window=2, min_length=0)
+    inputs = token_inputs(96)
+    calibration = lambda window, count: [token_inputs(window, seed=100 + i) for i in range(count)]  # noqa: E731
+    compiled = compiler.compile(
+        model, inputs, target="host", budget="ppl:+5%", pipeline=pipeline, calibration=calibration,
+        disable="fuse_attention,fuse_regions,fuse_rms_norm",
+    )
+    sparse = [n for n in compiled.result.ir.graph.nodes if n.target == torch.ops.compiler.block_sparse_attention.default]
+    assert len(sparse) == 2 and all(len(n.args) == 9 for n in sparse)  # the padding mask rides along
+    ids = token_inputs(96, seed=7)["input_ids"]
+    no_mask = _llama_with_layout(model, ids, Spec((HeadPattern("streaming", window=2),) * 4, BS))
+    torch.testing.assert_close(logits(compiled(input_ids=ids, attention_mask=torch.ones_like(ids))), no_mask, atol=1e-4, rtol=1e-4)

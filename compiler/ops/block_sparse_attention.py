@@ -17,6 +17,9 @@ nothing) gives 0, as a fully masked row does in `causal_attention`.
 - `expected_density` is the fraction of the causal blocks the layout is expected to list, for
   the cost model only (the real layout is built at run time from the inputs); the result does
   not depend on it.
+- `key_padding_mask` (optional, [B, >= S] booleans, as `causal_attention` takes it): keys it
+  marks False are never attended. Kernels take the common all-ones case and leave any other
+  to the reference.
 
 The reference materializes one head's [S, S] mask at a time (S = 8192 is 64 MiB of booleans)
 and calls SDPA; a layout that lists every causal block takes SDPA's `is_causal` path, so at
@@ -24,6 +27,8 @@ density 100% the op is dense causal attention bit for bit.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -71,11 +76,11 @@ def block_mask(kv_blocks: torch.Tensor, kv_counts: torch.Tensor, length: int, bl
     return mask & causal
 
 
-def _fake(q, k, v, kv_blocks, kv_counts, scale: float, block_size: int, expected_density: float):
+def _fake(q, k, v, kv_blocks, kv_counts, scale: float, block_size: int, expected_density: float, key_padding_mask=None):
     return output_like(q, v)
 
 
-def _cost(q: TensorInfo, k: TensorInfo, v: TensorInfo, kv_blocks: TensorInfo, kv_counts: TensorInfo, scale: float, block_size: int, expected_density: float) -> OpCost:
+def _cost(q: TensorInfo, k: TensorInfo, v: TensorInfo, kv_blocks: TensorInfo, kv_counts: TensorInfo, scale: float, block_size: int, expected_density: float, key_padding_mask: TensorInfo | None = None) -> OpCost:
     out = TensorInfo((*q.shape[:-1], v.shape[-1]), q.dtype)
     work = attention_work(q, k, v, [out], causal=True, density=expected_density)
     return OpCost(work, "attention")
@@ -91,6 +96,7 @@ def block_sparse_attention(
     scale: float,
     block_size: int,
     expected_density: float,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     check_layout(q, k, kv_blocks, kv_counts, block_size)
     b, hq, s, _ = q.shape
@@ -98,13 +104,18 @@ def block_sparse_attention(
     blocks = block_mask(kv_blocks, kv_counts, s, block_size)
     causal_blocks = torch.ones_like(blocks[0, 0]).tril()
     group = hq // k.shape[1]
-    if bool((blocks == causal_blocks).all()):
+    padding = None if key_padding_mask is None else key_padding_mask[:, :s].to(torch.bool)
+    if padding is not None and bool(padding.all()):
+        padding = None
+    if padding is None and bool((blocks == causal_blocks).all()):
         out.copy_(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1))
         return out
     causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
     for i in range(b):
         for h in range(hq):
             mask = blocks[i, h].repeat_interleave(block_size, 0)[:s].repeat_interleave(block_size, 1)[:, :s] & causal
+            if padding is not None:
+                mask = mask & padding[i]
             kv = h // group
             o = F.scaled_dot_product_attention(q[i, h], k[i, kv], v[i, kv], attn_mask=mask, scale=scale)
             # rows that see no key: SDPA gives NaN there, the op's contract is 0

@@ -157,7 +157,7 @@ def launch_config(block: int, block_d: int, block_dv: int, dtype: torch.dtype, i
 
 @BLOCK_SPARSE_ATTENTION.register_lowering("triton")
 def lower_block_sparse_attention(req: LoweringRequest) -> Kernel:
-    q, k, v, _kv_blocks, _kv_counts, _scale, block_size, _expected_density = req.args
+    q, k, v, _kv_blocks, _kv_counts, _scale, block_size, _expected_density = req.args[:8]
     head_dim, head_dim_v = head_dims("block_sparse_attention", q, k, v)
     block = _kernel_block(block_size)
     block_d, block_dv = (max(MIN_DOT, next_power_of_2(d)) for d in (head_dim, head_dim_v))
@@ -198,7 +198,11 @@ def _runner(kernel: Any, dims: dict[str, int], num_warps: int, num_stages: int) 
         scale: float,
         block_size: int,
         expected_density: float,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if key_padding_mask is not None and not bool(key_padding_mask[:, : q.shape[2]].all()):
+            # padded keys: the reference (the kernel takes the common all-ones case)
+            return BLOCK_SPARSE_ATTENTION.reference(q, k, v, kv_blocks, kv_counts, scale, block_size, expected_density, key_padding_mask)
         if block_size != block:
             raise ValueError(f"block_sparse_attention: kernel for {block}-blocks called with block_size {block_size}")
         check_layout(q, k, kv_blocks, kv_counts, block_size)

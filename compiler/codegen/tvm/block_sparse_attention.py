@@ -89,7 +89,7 @@ class _Shape:
 @BLOCK_SPARSE_ATTENTION.register_lowering("tvm")
 def lower_block_sparse_attention(req: LoweringRequest) -> Kernel:
     """The host kernel of one call site; other targets keep the reference."""
-    q, k, v, kv_blocks, kv_counts, _scale, block_size, _density = req.args
+    q, k, v, kv_blocks, kv_counts, _scale, block_size, _density = req.args[:8]
     shape = _shape(q, k, v, kv_blocks, kv_counts, block_size)
     target = parse_target(req.target.tvm_target)
     kind = target.kind.name
@@ -254,9 +254,11 @@ def _host_runner(shape: _Shape, kernel: BuiltFunction) -> Callable[..., torch.Te
         scale: float,
         block_size: int,
         expected_density: float,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if not _kernel_takes(shape, q, k, v, kv_blocks, kv_counts, block_size):
-            return BLOCK_SPARSE_ATTENTION.reference(q, k, v, kv_blocks, kv_counts, scale, block_size, expected_density)
+        padded = key_padding_mask is not None and not bool(key_padding_mask[:, : q.shape[2]].all())
+        if padded or not _kernel_takes(shape, q, k, v, kv_blocks, kv_counts, block_size):
+            return BLOCK_SPARSE_ATTENTION.reference(q, k, v, kv_blocks, kv_counts, scale, block_size, expected_density, key_padding_mask)
         inputs = [as_kernel_input(t) for t in (q, k, v, kv_blocks, kv_counts)]
         order = _item_order(kv_counts, kv_blocks.shape[-1], _pool_threads())
         # The op's output layout: the kernel writes its [B, S, Hq, Dv] memory order directly.

@@ -4,7 +4,7 @@ Long-context prefill is dominated by attention, and most heads put most of their
 few keys: the first tokens (attention sinks), the recent ones, a few columns and diagonals.
 The pass replaces each causal attention site (found by `compiler.analysis.find_attention`:
 SDPA, `compiler::causal_attention` without padding, or decomposed matmul-softmax-matmul with a
-proven causal mask) by
+proven causal mask; a key padding mask is carried along) by
 
     kv_blocks, kv_counts = compiler::sparse_attention_layout(q, k, spec)   # online indices
     out = compiler::block_sparse_attention(q, k, v, kv_blocks, kv_counts, scale, block, density)
@@ -197,8 +197,8 @@ def weights_fingerprint(gm: fx.GraphModule) -> str:
 def _why_not(site: Any) -> str | None:
     if not site.causal:
         return f"not causal ({site.reason})" if site.reason else "not causal"
-    if site.mask is not None or site.key_padding_mask is not None:
-        return "has a mask besides the causal one (padding); sparse layouts take causal attention only"
+    if site.mask is not None:
+        return f"has a mask besides the causal one and key padding ({site.reason})" if site.reason else "has a mask besides the causal one and key padding"
     if site.kind == "block_sparse_attention":
         return "already block-sparse"
     q, k = site.q.meta["val"], site.k.meta["val"]
@@ -219,9 +219,10 @@ def _rewrite(gm: fx.GraphModule, site: Any, spec: Spec, density: float) -> fx.No
         layout = graph.call_function(SPARSE_LAYOUT.overload, (site.q, site.k, spec.to_json()))
         blocks = graph.call_function(operator.getitem, (layout, 0))
         counts = graph.call_function(operator.getitem, (layout, 1))
-        new = graph.call_function(
-            BLOCK_SPARSE_ATTENTION.overload, (site.q, site.k, site.v, blocks, counts, _scale(site), spec.block_size, density)
-        )
+        args = (site.q, site.k, site.v, blocks, counts, _scale(site), spec.block_size, density)
+        if site.key_padding_mask is not None:
+            args += (site.key_padding_mask,)
+        new = graph.call_function(BLOCK_SPARSE_ATTENTION.overload, args)
         added = [layout, blocks, counts, new]
         if site.kind == "decomposed":
             # a matmul's output is contiguous [B, H, S, D]; users may view it that way
