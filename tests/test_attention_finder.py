@@ -201,15 +201,16 @@ def test_sdpa_kernel_variant_and_compiler_ops() -> None:
     blocks = torch.arange(2, dtype=torch.int32).expand(2, 4, 2, 2).contiguous()
     counts = torch.arange(1, 3, dtype=torch.int32).expand(2, 4, 2).contiguous()
 
-    def block_sparse(q, k, v, kv_blocks, kv_counts):
-        return torch.ops.compiler.block_sparse_attention(q, k, v, kv_blocks, kv_counts, 0.25, 4, 1.0)
+    def block_sparse(q, k, v, kv_blocks, kv_counts, padding):
+        return torch.ops.compiler.block_sparse_attention(q, k, v, kv_blocks, kv_counts, 0.25, 4, 1.0, padding)
 
     torch.manual_seed(0)
-    captured = capture_export(FunctionModule(block_sparse), (*(torch.randn(s) for s in QKV), blocks, counts))
+    padding = torch.ones(2, 8, dtype=torch.bool)
+    captured = capture_export(FunctionModule(block_sparse), (*(torch.randn(s) for s in QKV), blocks, counts, padding))
     (site,) = find_attention(captured.gm)
     assert site.kind == "block_sparse_attention" and site.causal and site.scale == 0.25
     placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
-    assert site.mask is placeholders[3] and site.nodes == [site.output]
+    assert site.mask is placeholders[3] and site.key_padding_mask is placeholders[5] and site.nodes == [site.output]
 
 
 def test_no_attention() -> None:

@@ -288,7 +288,8 @@ def test_compile_api_matches_eager(monkeypatch, build, verify):
             inputs = token_inputs(8, seed=seed)
             assert max_error(logits(compiled(**inputs)), logits(model(**inputs))) <= MODEL_ATOL
     ran = [r.name for r in compiled.result.records if r.status == "ran"]
-    assert ran == default_pipeline().names()
+    lossy = {p.name for p in default_pipeline().passes if p.lossy}
+    assert ran == [name for name in default_pipeline().names() if name not in lossy]  # the budget is lossless
     if verify:
         (inst,) = RecordingVerify.made
         # Every pass that ran was verified on the example inputs, within the lossless bound.

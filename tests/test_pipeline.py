@@ -255,7 +255,7 @@ def test_verify_numerics_raises_for_a_wrong_lossless_pass():
 def test_verify_numerics_only_records_for_a_lossy_pass():
     gm, (x, y) = small_graph()
     inst = VerifyNumericsInstrument()
-    records = Pipeline([LossyAddToSub()]).run(gm, PassContext(sample_inputs=[x, y], instruments=[inst]))
+    records = Pipeline([LossyAddToSub()]).run(gm, PassContext(sample_inputs=[x, y], instruments=[inst], budget="ppl:+1%"))
     assert statuses(records) == [("lossy_add_to_sub", "ran")]
     reference, changed = (x + y) * 2, (x - y) * 2
     # The documented measure: how far |new - ref| exceeds rtol * |ref| at worst.
@@ -444,3 +444,11 @@ def test_pass_runs_inside_inductor_and_matches_eager():
     # Inductor may reorder the 16-term reductions (mean, the linear's dot products): ~1e-6
     # relative per value, outputs are O(1-10): 1e-5 relative and absolute.
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lossy_pass_runs_only_when_the_budget_allows_or_it_is_named():
+    gm, (x, y) = small_graph()
+    skipped = Pipeline([LossyAddToSub()]).run(gm, PassContext())
+    assert statuses(skipped) == [("lossy_add_to_sub", "skipped")] and "lossless" in skipped[0].reason
+    named = Pipeline([LossyAddToSub()]).run(gm, PassContext(enabled_only={"lossy_add_to_sub"}))
+    assert statuses(named) == [("lossy_add_to_sub", "ran")]

@@ -243,10 +243,13 @@ def _causal_attention(node: fx.Node) -> _Found:
 
 def _block_sparse_attention(node: fx.Node) -> _Found:
     args = _bound(node)
-    q, k, v, kv_blocks, kv_counts, scale = (args[name] for name in ("q", "k", "v", "kv_blocks", "kv_counts", "scale"))
+    names = ("q", "k", "v", "kv_blocks", "kv_counts", "scale", "key_padding_mask")
+    q, k, v, kv_blocks, kv_counts, scale, padding = (args[name] for name in names)
     # causal within the listed blocks only: the layout is a mask beyond the causal one
     reason = f"causal, restricted to the key blocks {kv_blocks.name}/{kv_counts.name} list"
-    return _Found("block_sparse_attention", node, q, k, v, float(scale), _Masking(True, kv_blocks, None, reason))
+    if padding is not None:
+        reason += f", with key padding from {padding.name}"
+    return _Found("block_sparse_attention", node, q, k, v, float(scale), _Masking(True, kv_blocks, padding, reason))
 
 
 # --- masks -------------------------------------------------------------------------------

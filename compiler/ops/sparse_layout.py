@@ -117,9 +117,10 @@ def sparse_attention_layout(q: torch.Tensor, k: torch.Tensor, spec: str) -> tupl
     return layout_from_mask(mask)
 
 
-def block_masks(q: torch.Tensor, k: torch.Tensor, spec: Spec) -> torch.Tensor:
+def block_masks(q: torch.Tensor, k: torch.Tensor, spec: Spec, estimates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The [B, Hq, NB, NB] boolean block mask of `spec` for these inputs; the heads that share
-    a pattern kind are estimated together."""
+    a pattern kind are estimated together. `estimates`, when given, keeps each kind's scores
+    for later calls on the same q and k (calibration tries many thresholds on one estimate)."""
     b, hq, s, _ = q.shape
     nb = num_blocks(s, spec.block_size)
     causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
@@ -146,8 +147,10 @@ def block_masks(q: torch.Tensor, k: torch.Tensor, spec: Spec) -> torch.Tensor:
         elif kind == "streaming":
             m = ((kb_index < per_head("sink")) | ((qb_index - kb_index) < per_head("window")))[index]
         else:
-            estimate = _vertical_slash if kind == "vertical_slash" else _block_topk
-            m = estimate(q, k, per_head("gamma"), per_head("budget"), spec, scale, nb)[:, index]
+            estimates = {} if estimates is None else estimates
+            if kind not in estimates:
+                estimates[kind] = _ESTIMATES[kind](q, k, spec, scale, nb)
+            m = _SELECT[kind](estimates[kind], per_head("gamma"), per_head("budget"), nb)[:, index]
         out[:, index] |= m
     return out & causal
 
@@ -195,9 +198,10 @@ def _pool(x: torch.Tensor, bs: int) -> torch.Tensor:
     return torch.cat(parts, 2)
 
 
-def _vertical_slash(q: torch.Tensor, k: torch.Tensor, gamma: torch.Tensor, budget: torch.Tensor, spec: Spec, scale: float, nb: int) -> torch.Tensor:
-    """MInference's online estimate, in blocks, for every head; q [B, Hq, S, D], k [B, Hkv, S, D],
-    gamma and budget [Hq, 1, 1]."""
+def _vertical_slash(q: torch.Tensor, k: torch.Tensor, spec: Spec, scale: float, nb: int) -> torch.Tensor:
+    """MInference's online estimate, in blocks, for every head (q [B, Hq, S, D], k
+    [B, Hkv, S, D]): the last queries' attention mass per key block (vertical) and per block of
+    distances (slash), [B, Hq, 2 * NB]."""
     b, h, s, _ = q.shape
     bs = spec.block_size
     last = min(spec.last_queries, s)
@@ -211,17 +215,22 @@ def _vertical_slash(q: torch.Tensor, k: torch.Tensor, gamma: torch.Tensor, budge
     distance = (positions - keys).clamp_min(0).reshape(-1).expand(b, h, -1)
     by_distance = probs.new_zeros(b, h, s).scatter_add_(-1, distance, probs.reshape(b, h, -1))
     slash = F.pad(by_distance, (0, pad)).view(b, h, nb, bs).sum(-1)
-    keep = _keep_until(torch.cat([vertical, slash], -1), gamma[:, 0], 2 * budget[:, 0])  # rows [B, H]
+    return torch.cat([vertical, slash], -1)
+
+
+def _select_vertical_slash(scores: torch.Tensor, gamma: torch.Tensor, budget: torch.Tensor, nb: int) -> torch.Tensor:
+    """The heaviest columns and diagonals until `gamma` of the mass (gamma, budget [Hq, 1, 1])."""
+    keep = _keep_until(scores, gamma[:, 0], 2 * budget[:, 0])  # rows [B, H]
     columns, diagonals = keep[..., :nb], keep[..., nb:]
-    offset = (torch.arange(nb, device=q.device)[:, None] - torch.arange(nb, device=q.device)[None, :]).clamp(0, nb - 1)
+    offset = (torch.arange(nb, device=scores.device)[:, None] - torch.arange(nb, device=scores.device)[None, :]).clamp(0, nb - 1)
     # the distances of block distance j reach block offsets j and j + 1
     near = diagonals | F.pad(diagonals[..., :-1], (1, 0))
     return columns[..., None, :] | near[..., offset]
 
 
-def _block_topk(q: torch.Tensor, k: torch.Tensor, gamma: torch.Tensor, budget: torch.Tensor, spec: Spec, scale: float, nb: int) -> torch.Tensor:
-    """FlexPrefill's query-aware estimate for every head; q [B, Hq, S, D], k [B, Hkv, S, D],
-    gamma and budget [Hq, 1, 1]."""
+def _block_topk(q: torch.Tensor, k: torch.Tensor, spec: Spec, scale: float, nb: int) -> torch.Tensor:
+    """FlexPrefill's query-aware estimate for every head (q [B, Hq, S, D], k [B, Hkv, S, D]):
+    each query block's estimated distribution over key blocks, [B, Hq, NB, NB]."""
     b, h, s, _ = q.shape
     bs = spec.block_size
     sizes = torch.full((nb,), float(bs), device=q.device)
@@ -230,5 +239,13 @@ def _block_topk(q: torch.Tensor, k: torch.Tensor, gamma: torch.Tensor, budget: t
     # a key block's estimated mass is its size times exp(pooled score)
     scores = (_grouped(q_pool * scale, k.shape[1]) @ k_pool.transpose(-1, -2)).view(b, h, nb, nb) + sizes.log()
     causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
-    probs = torch.softmax(scores.masked_fill(~causal, -math.inf), -1)
+    return torch.softmax(scores.masked_fill(~causal, -math.inf), -1)
+
+
+def _select_block_topk(probs: torch.Tensor, gamma: torch.Tensor, budget: torch.Tensor, nb: int) -> torch.Tensor:
+    """Per query block, the heaviest key blocks until `gamma` of the estimate."""
     return _keep_until(probs, gamma, budget)
+
+
+_ESTIMATES = {"vertical_slash": _vertical_slash, "block_topk": _block_topk}
+_SELECT = {"vertical_slash": _select_vertical_slash, "block_topk": _select_block_topk}

@@ -197,7 +197,7 @@ def weights_fingerprint(gm: fx.GraphModule) -> str:
 def _why_not(site: Any) -> str | None:
     if not site.causal:
         return f"not causal ({site.reason})" if site.reason else "not causal"
-    if site.mask is not None:
+    if site.mask is not None and site.key_padding_mask is None:  # causal AND padding is fine
         return f"has a mask besides the causal one and key padding ({site.reason})" if site.reason else "has a mask besides the causal one and key padding"
     if site.kind == "block_sparse_attention":
         return "already block-sparse"

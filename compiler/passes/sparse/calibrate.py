@@ -122,8 +122,9 @@ def score_candidates(q: torch.Tensor, k: torch.Tensor, scale: float, block_size:
     hq, nb = q.shape[1], mass.shape[-1]
     causal_blocks = nb * (nb + 1) / 2
     recall, density = [], []
+    estimates: dict[str, torch.Tensor] = {}  # one estimate per kind serves all its thresholds
     for pattern in patterns:
-        mask = block_masks(q, k, Spec((pattern,) * hq, block_size))
+        mask = block_masks(q, k, Spec((pattern,) * hq, block_size), estimates)
         recall.append((mass * mask).sum(-1).mean(-1).mean(0))
         density.append(mask.sum((-1, -2)).float().mean(0) / causal_blocks)
     return torch.stack(recall), torch.stack(density)
