@@ -122,37 +122,48 @@ def kernel_rows(length: int, densities: list[float], repeats: int) -> list[dict[
 
 
 class Models:
-    """SmolLM2 captured once per (length, last-logits-only) and compiled per method; the
-    captures share the model's weights."""
+    """SmolLM2 captured once per output (all logits, or the last position's) with a symbolic
+    sequence length, and compiled once per method: one graph serves every length, and the
+    sparse pass calibrates at its default 4096 tokens whatever length it later runs at. The
+    captures share the model's weights. Inputs are `input_ids` alone (one unpadded sequence)."""
 
     def __init__(self) -> None:
         smollm2 = load_smollm2()
         self.module = smollm2
         self.model = smollm2.model()
         self.tok = smollm2.tokenizer()
-        self._captured: dict[tuple[int, bool], Any] = {}
+        self._captured: dict[bool, Any] = {}
+        self._compiled: dict[tuple[str | None, bool], tuple[Callable[[torch.Tensor], torch.Tensor], Any]] = {}
 
-    def captured(self, length: int, last_only: bool) -> Any:
+    def captured(self, last_only: bool) -> Any:
         from compiler.capture import capture_export
 
-        key = (length, last_only)
-        if key not in self._captured:
-            ids = torch.zeros(1, length, dtype=torch.int64)
-            kwargs: dict[str, Any] = {"input_ids": ids}
+        if last_only not in self._captured:
+            seq = torch.export.Dim("seq", min=2, max=8192)
+            kwargs: dict[str, Any] = {"input_ids": torch.zeros(1, 256, dtype=torch.int64)}
+            dynamic: dict[str, Any] = {"input_ids": {1: seq}}
             if last_only:
-                kwargs["logits_to_keep"] = 1
-            self._captured[key] = capture_export(self.model, (), kwargs)
-        return self._captured[key]
+                kwargs["logits_to_keep"], dynamic["logits_to_keep"] = 1, None
+            self._captured[last_only] = capture_export(self.model, (), kwargs, dynamic_shapes=dynamic)
+        return self._captured[last_only]
 
-    def compiled(self, length: int, method: str | None, last_only: bool = False) -> tuple[Callable[[torch.Tensor], torch.Tensor], Any]:
+    def compiled(self, method: str | None, last_only: bool = False) -> tuple[Callable[[torch.Tensor], torch.Tensor], Any]:
         """(ids -> logits, compile result) with the sparse pass (`method`) or without (None)."""
+        key = (method, last_only)
+        if key not in self._compiled:
+            start = time.perf_counter()
+            self._compiled[key] = self._compile(method, last_only)
+            _log(f"compiled {method or 'dense'}{' (last logits)' if last_only else ''} in {time.perf_counter() - start:.0f} s")
+        return self._compiled[key]
+
+    def _compile(self, method: str | None, last_only: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], Any]:
         from compiler.calibration import Calibration
         from compiler.driver import CompileOptions, compile_graph
         from compiler.ir import copy_graph_module
         from compiler.passes import default_pipeline
         from compiler.passes.sparse import SparseAttention
 
-        captured = self.captured(length, last_only)
+        captured = self.captured(last_only)
         pipeline = default_pipeline()
         if method is None:
             options = CompileOptions.make("host", disable="sparse_attention", pipeline=pipeline)
@@ -167,7 +178,7 @@ class Models:
 
         calibration = Calibration(batches).with_flatten(lambda kw: captured.flatten_inputs((), kw))
         extra = {"logits_to_keep": 1} if last_only else {}
-        sample = captured.flatten_inputs((), {"input_ids": torch.zeros(1, length, dtype=torch.int64), **extra})
+        sample = captured.flatten_inputs((), {"input_ids": torch.zeros(1, 256, dtype=torch.int64), **extra})
         result = compile_graph(copy_graph_module(captured.gm), options, sample_inputs=sample, calibration=calibration)
 
         def run(ids: torch.Tensor) -> torch.Tensor:
@@ -188,19 +199,22 @@ def _density_of(result: Any) -> float | None:
 
 def quality_rows(models: Models, windows: list[int], methods: list[str], count: int) -> list[dict[str, Any]]:
     from compiler.evaluation import compare, load_text, token_windows
+    from compiler.ops.sparse_layout import measure_density
 
     text = load_text("novel_evaluation")
     rows = []
     for window in windows:
         ids = token_windows(models.tok, text, window, count=count)
-        dense, _ = models.compiled(window, None)
+        dense, _ = models.compiled(None)
         for method in methods:
-            sparse, result = models.compiled(window, method)
-            report = compare(lambda input_ids, attention_mask: dense(input_ids), lambda input_ids, attention_mask: sparse(input_ids), ids)
+            sparse, result = models.compiled(method)
+            with measure_density() as meter:
+                report = compare(lambda input_ids, attention_mask: dense(input_ids), lambda input_ids, attention_mask: sparse(input_ids), ids)
             row = {
                 "method": method, "window": window, "windows": len(ids), "ppl_dense": report.ppl_reference,
                 "ppl_sparse": report.ppl_candidate, "ppl_increase": report.ppl_increase,
-                "top1_agreement": report.top1_agreement, "density": _density_of(result),
+                "top1_agreement": report.top1_agreement, "density": meter.density,
+                "calibrated_density": _density_of(result),
                 "sites_rewritten": sum(len(r.result.changes) for r in result.records if r.name == "sparse_attention" and r.result),
             }
             rows.append(row)
@@ -239,7 +253,7 @@ def passkey_rows(models: Models, lengths: list[int], cases: int) -> list[dict[st
     keys = [str(int(torch.randint(10000, 100000, (1,), generator=gen))) for _ in range(cases)]
     rows = []
     for length in lengths:
-        variants = {"dense": models.compiled(length, None)[0], "sparse": models.compiled(length, DEFAULT_METHOD)[0]}
+        variants = {"dense": models.compiled(None)[0], "sparse": models.compiled(DEFAULT_METHOD)[0]}
         hits: dict[str, list[bool]] = {name: [] for name in variants}
         for depth, key in zip(depths, keys):
             ids, positions = passkey_case(models.tok, length, depth, key)
@@ -264,18 +278,20 @@ def passkey_rows(models: Models, lengths: list[int], cases: int) -> list[dict[st
 
 def e2e_rows(models: Models, lengths: list[int], repeats: int) -> list[dict[str, Any]]:
     from compiler.evaluation import load_text, token_windows
+    from compiler.ops.sparse_layout import measure_density
 
     rows = []
     for length in lengths:
         ids = token_windows(models.tok, load_text("novel_evaluation"), length, count=1)[0]
-        dense, _ = models.compiled(length, None, last_only=True)
-        sparse, result = models.compiled(length, DEFAULT_METHOD, last_only=True)
+        dense, _ = models.compiled(None, last_only=True)
+        sparse, _ = models.compiled(DEFAULT_METHOD, last_only=True)
         with torch.no_grad():
             times = time_interleaved({"dense": lambda: dense(ids), "sparse": lambda: sparse(ids)}, repeats, warmup=1)
-            same = bool(dense(ids)[0, -1].argmax() == sparse(ids)[0, -1].argmax())
+            with measure_density() as meter:
+                same = bool(dense(ids)[0, -1].argmax() == sparse(ids)[0, -1].argmax())
         row = {
             "seq_len": length, "method": DEFAULT_METHOD, **{f"{n}_s": summarize(t) for n, t in times.items()},
-            "density": _density_of(result), "same_next_token": same,
+            "density": meter.density, "same_next_token": same,
         }
         row["speedup"] = row["dense_s"]["median"] / row["sparse_s"]["median"]
         rows.append(row)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -175,6 +176,7 @@ def _report_markdown(result: CompileResult, plot: str | None) -> str:
         n = len(r.result.changes) if r.result else 0
         status = r.status + (f" ({r.reason})" if r.reason else "")
         lines.append(f"| {r.name} | {'yes' if r.lossy else 'no'} | {status} | {n} | {r.seconds:.3f} |")
+    lines += _pass_details(result.records)
     lines += ["", "## Kernels", ""]
     for k in result.codegen.kernels:
         where = "runs here" if k.runner is not None else f"not run here: {k.note}"
@@ -186,6 +188,37 @@ def _report_markdown(result: CompileResult, plot: str | None) -> str:
     lines += [f"- `{op}` x{n}" for op, n in result.codegen.aten_ops.items()]
     lines += ["", result.cost.markdown(plot)]
     return "\n".join(lines)
+
+
+def _pass_details(records: list[PassRecord], most: int = 8) -> list[str]:
+    """Per pass that changed the graph: its first changes, and its per-site statistics (stats
+    entries that are lists of records) as tables."""
+    lines: list[str] = []
+    for r in records:
+        if r.result is None or not (r.result.changes or _tables(r.result.stats)):
+            continue
+        lines += ["", f"### {r.name}", ""]
+        lines += [f"- {change}" for change in r.result.changes[:most]]
+        if len(r.result.changes) > most:
+            lines.append(f"- ... and {len(r.result.changes) - most} more (plan.json lists every change)")
+        for name, rows in _tables(r.result.stats).items():
+            columns = list(dict.fromkeys(c for row in rows for c in row))
+            lines += ["", f"{name}:", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return lines
+
+
+def _tables(stats: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    return {k: v for k, v in stats.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)}
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        counts = Counter(map(str, value))
+        return ", ".join(f"{n}x {v}" if n > 1 else v for v, n in counts.items())
+    return "" if value is None else str(value)
 
 
 _SUFFIX = {"python": ".py", "cuda": ".cu", "c": ".c", "tvmscript": ".py", "llvm": ".ll"}

@@ -278,3 +278,14 @@ def test_pass_carries_the_key_padding_mask() -> None:
     ids = token_inputs(96, seed=7)["input_ids"]
     no_mask = _llama_with_layout(model, ids, Spec((HeadPattern("streaming", window=2),) * 4, BS))
     torch.testing.assert_close(logits(compiled(input_ids=ids, attention_mask=torch.ones_like(ids))), no_mask, atol=1e-4, rtol=1e-4)
+
+
+def test_report_lists_the_crossover_and_the_pattern_of_each_head(tmp_path) -> None:
+    compiled = _compile(tiny_llama(), 96, method="streaming", window=2, min_length=0)
+    compiled.write_artifacts(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    section = report.split("### sparse_attention")[1]
+    assert "| site | node | density | crossover | heads |" in section
+    assert "4x streaming(sink=1, window=2)" in section
+    sites = compiled.result.plan()["passes"][1]["stats"]["sites"]
+    assert [s["heads"] for s in sites] == [["streaming(sink=1, window=2)"] * 4] * 2

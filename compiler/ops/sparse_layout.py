@@ -28,9 +28,11 @@ for block top-k, against O(H * S^2 * D) for the attention it prunes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +116,41 @@ def sparse_attention_layout(q: torch.Tensor, k: torch.Tensor, spec: str) -> tupl
     if len(parsed.heads) != hq:
         raise ValueError(f"sparse_attention_layout: the spec has {len(parsed.heads)} head patterns for {hq} query heads")
     mask = block_masks(q, k, parsed)
+    for meter in _meters:
+        meter.add(mask)
     return layout_from_mask(mask)
+
+
+@dataclass
+class DensityMeter:
+    """Blocks the layouts built inside `measure_density()` kept, out of their causal blocks."""
+
+    kept: int = 0
+    causal: int = 0
+
+    def add(self, mask: torch.Tensor) -> None:
+        nb = mask.shape[-1]
+        self.kept += int(mask.sum())
+        self.causal += mask[..., 0, 0].numel() * nb * (nb + 1) // 2
+
+    @property
+    def density(self) -> float | None:
+        return self.kept / self.causal if self.causal else None
+
+
+_meters: list[DensityMeter] = []
+
+
+@contextlib.contextmanager
+def measure_density() -> Iterator[DensityMeter]:
+    """Measure the density of every layout this op builds in the block (on this thread's
+    calls): what a sparse model really attended, as opposed to the calibrated estimate."""
+    meter = DensityMeter()
+    _meters.append(meter)
+    try:
+        yield meter
+    finally:
+        _meters.remove(meter)
 
 
 def block_masks(q: torch.Tensor, k: torch.Tensor, spec: Spec, estimates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
