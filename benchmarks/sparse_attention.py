@@ -46,7 +46,7 @@ from benchmarks.common import env_info, load_smollm2, summarize, time_interleave
 HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK = 9, 3, 64, 64
 SECTIONS = ("kernel", "quality", "passkey", "e2e")
 METHODS = ("calibrated", "duo", "streaming", "vertical_slash", "block_topk")
-DEFAULT_METHOD = "calibrated"
+DEFAULT_METHOD = "duo"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
