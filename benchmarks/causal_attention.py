@@ -12,11 +12,10 @@ For each sequence length, with baseline and candidate timed in interleaved round
   samples; the reported time is the per-layer median x 30. `max_abs_err` covers the 30 outputs.
 - model: SmolLM2 prefill on real text (novel_evaluation) through `compiler.compile(target="host")`:
   baseline with no passes, candidate with only `canonicalize_causal_attention`. Inputs are
-  `input_ids` and an all-ones `attention_mask` (the examples/smollm2.py batches): captured with
-  `input_ids` alone, transformers adds a packed-sequence term (an `eq` on cumsums of
-  position_ids) to the mask that the pass does not prove causal, so nothing would be rewritten.
-  With the padding mask the pass emits `compiler::causal_attention`, which has no TVM lowering
-  and runs its reference (the row's `codegen` says so). `max_abs_err` is over the logits.
+  `input_ids` and an all-ones `attention_mask` (the examples/smollm2.py batches); with the
+  padding mask the pass emits `compiler::causal_attention` (captured with `input_ids` alone,
+  the pass proves transformers' packed-sequence term all true and emits `is_causal` SDPA).
+  The row's `codegen` says which kernel ran. `max_abs_err` is over the logits.
 
 Run (about 5 minutes on the 2-core host with the defaults, half of it capturing the model twice
 per length; ratios matter, absolute times move with other load on the machine):
