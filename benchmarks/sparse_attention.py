@@ -176,7 +176,7 @@ class Models:
             made = self.module.calibration_batches(window=window, count=count)
             return [{"input_ids": b["input_ids"], **({"logits_to_keep": 1} if last_only else {})} for b in made]
 
-        calibration = Calibration(batches).with_flatten(lambda kw: captured.flatten_inputs((), kw))
+        calibration = Calibration(batches).with_flatten(captured.flatten_example)
         extra = {"logits_to_keep": 1} if last_only else {}
         sample = captured.flatten_inputs((), {"input_ids": torch.zeros(1, 256, dtype=torch.int64), **extra})
         result = compile_graph(copy_graph_module(captured.gm), options, sample_inputs=sample, calibration=calibration)

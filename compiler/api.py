@@ -52,7 +52,7 @@ def compile(
     source = None
     if calibration is not None:
         source = Calibration(calibration) if callable(calibration) else Calibration.fixed(calibration)
-        source = source.with_flatten(lambda inputs: captured.flatten_inputs(*split_example_inputs(inputs)))
+        source = source.with_flatten(captured.flatten_example)
     result = compile_graph(captured.gm, options, sample_inputs=sample, calibration=source)
     return CompiledModule(captured, result)
 

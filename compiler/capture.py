@@ -53,6 +53,11 @@ class Captured:
             kwargs = reorder_kwargs(kwargs, self.in_spec)
         return [x for x in pytree.tree_leaves((tuple(args), kwargs)) if x is not None]
 
+    def flatten_example(self, example_inputs: Any) -> list[Any]:
+        """`flatten_inputs` for inputs written as `example_inputs` are (a tensor, a tuple of
+        args or a dict of kwargs)."""
+        return self.flatten_inputs(*split_example_inputs(example_inputs))
+
     def unflatten_outputs(self, flat: Sequence[Any]) -> Any:
         if self.out_spec is None:
             return flat

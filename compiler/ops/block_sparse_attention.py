@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from compiler.cost_model.rules import OpCost, TensorInfo, attention_work
-from compiler.ops.causal_attention import output_like
+from compiler.ops.causal_attention import effective_padding, output_like
 from compiler.ops.registry import compiler_op
 
 
@@ -104,9 +104,7 @@ def block_sparse_attention(
     blocks = block_mask(kv_blocks, kv_counts, s, block_size)
     causal_blocks = torch.ones_like(blocks[0, 0]).tril()
     group = hq // k.shape[1]
-    padding = None if key_padding_mask is None else key_padding_mask[:, :s].to(torch.bool)
-    if padding is not None and bool(padding.all()):
-        padding = None
+    padding = effective_padding(key_padding_mask, s)
     if padding is None and bool((blocks == causal_blocks).all()):
         out.copy_(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1))
         return out

@@ -52,6 +52,15 @@ def causal_attention(
     return out
 
 
+def effective_padding(key_padding_mask: Optional[torch.Tensor], keys: int) -> Optional[torch.Tensor]:
+    """The key padding mask over the first `keys` keys as booleans, or None when it masks
+    nothing (absent, or all ones: the common case, which kernels take)."""
+    if key_padding_mask is None:
+        return None
+    padding = key_padding_mask[:, :keys].to(torch.bool)
+    return None if bool(padding.all()) else padding
+
+
 def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], scale: float
 ) -> torch.Tensor:
@@ -59,13 +68,12 @@ def _attention(
     queries, keys = q.shape[-2], k.shape[-2]
     if queries > keys:
         raise ValueError(f"causal_attention: {queries} queries against {keys} keys; queries are the last Sq of the Sk positions, so Sq <= Sk")
-    if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask[:, :keys]
-    all_keys = key_padding_mask is None or bool(key_padding_mask.all())
+    padding = effective_padding(key_padding_mask, keys)
+    all_keys = padding is None
     if all_keys and queries == keys:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     causal = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril(keys - queries)
     if all_keys:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=gqa)
-    mask = causal & key_padding_mask.to(torch.bool)[:, None, None, :]
+    mask = causal & padding[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

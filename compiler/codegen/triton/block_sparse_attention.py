@@ -46,7 +46,7 @@ from compiler.codegen.triton.runtime import interpreting
 from compiler.errors import Unsupported
 from compiler.ops import block_sparse_attention as BLOCK_SPARSE_ATTENTION
 from compiler.ops.block_sparse_attention import check_layout, num_blocks
-from compiler.ops.causal_attention import output_like
+from compiler.ops.causal_attention import effective_padding, output_like
 from compiler.ops.registry import Kernel, LoweringRequest
 
 KERNEL_NAME = "block_sparse_attention_kernel"
@@ -200,7 +200,7 @@ def _runner(kernel: Any, dims: dict[str, int], num_warps: int, num_stages: int) 
         expected_density: float,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if key_padding_mask is not None and not bool(key_padding_mask[:, : q.shape[2]].all()):
+        if effective_padding(key_padding_mask, q.shape[2]) is not None:
             # padded keys: the reference (the kernel takes the common all-ones case)
             return BLOCK_SPARSE_ATTENTION.reference(q, k, v, kv_blocks, kv_counts, scale, block_size, expected_density, key_padding_mask)
         if block_size != block:

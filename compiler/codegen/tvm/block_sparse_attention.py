@@ -51,7 +51,7 @@ from compiler.codegen.tvm.build import BuiltFunction, as_kernel_input, build_pri
 from compiler.errors import Unsupported
 from compiler.ops import block_sparse_attention as BLOCK_SPARSE_ATTENTION
 from compiler.ops.block_sparse_attention import num_blocks
-from compiler.ops.causal_attention import output_like
+from compiler.ops.causal_attention import effective_padding, output_like
 from compiler.ops.registry import Kernel, LoweringRequest
 
 # Layout block sizes the kernel takes: the block is both the item's queries and the key block of
@@ -256,7 +256,7 @@ def _host_runner(shape: _Shape, kernel: BuiltFunction) -> Callable[..., torch.Te
         expected_density: float,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        padded = key_padding_mask is not None and not bool(key_padding_mask[:, : q.shape[2]].all())
+        padded = effective_padding(key_padding_mask, q.shape[2]) is not None
         if padded or not _kernel_takes(shape, q, k, v, kv_blocks, kv_counts, block_size):
             return BLOCK_SPARSE_ATTENTION.reference(q, k, v, kv_blocks, kv_counts, scale, block_size, expected_density, key_padding_mask)
         inputs = [as_kernel_input(t) for t in (q, k, v, kv_blocks, kv_counts)]

@@ -180,7 +180,8 @@ class SparseAttention(Pass):
 
     def _cache_key(self, gm: fx.GraphModule, sites: list[Any], length: int) -> str:
         shapes = [(s.q_heads, s.kv_heads, s.head_dim) for s in sites]
-        text = repr((_CALIBRATION_VERSION, self.config(), length, shapes, weights_fingerprint(gm)))
+        options = {k: v for k, v in self.config().items() if k != "min_length"}  # not used by calibration
+        text = repr((_CALIBRATION_VERSION, options, length, shapes, weights_fingerprint(gm)))
         return hashlib.sha256(text.encode()).hexdigest()
 
 
