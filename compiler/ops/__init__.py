@@ -5,6 +5,7 @@ from compiler.ops.block_sparse_attention import block_sparse_attention
 from compiler.ops.causal_attention import causal_attention
 from compiler.ops.rms_norm import rms_norm
 from compiler.ops.sparse_layout import sparse_attention_layout
+from compiler.ops.kv_quant import quantized_kv_attention
 
 __all__ = [
     "CompilerOp",
@@ -15,6 +16,7 @@ __all__ = [
     "compiler_op",
     "compiler_ops",
     "op_for_target",
+    "quantized_kv_attention",
     "rms_norm",
     "sparse_attention_layout",
 ]
