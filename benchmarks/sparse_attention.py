@@ -172,11 +172,15 @@ class Models:
             pipeline.passes[index] = SparseAttention(method=method)
             options = CompileOptions.make("host", budget="ppl:+3%", pipeline=pipeline)
 
-        def batches(window: int, count: int) -> list[dict[str, torch.Tensor]]:
-            made = self.module.calibration_batches(window=window, count=count)
-            return [{"input_ids": b["input_ids"], **({"logits_to_keep": 1} if last_only else {})} for b in made]
+        def inputs(make: Any) -> Any:
+            def batches(window: int, count: int) -> list[dict[str, torch.Tensor]]:
+                made = make(window=window, count=count)
+                return [{"input_ids": b["input_ids"], **({"logits_to_keep": 1} if last_only else {})} for b in made]
 
-        calibration = Calibration(batches).with_flatten(captured.flatten_example)
+            return batches
+
+        calibration = Calibration(inputs(self.module.calibration_batches), retrieval=inputs(self.module.retrieval_batches))
+        calibration = calibration.with_flatten(captured.flatten_example)
         extra = {"logits_to_keep": 1} if last_only else {}
         sample = captured.flatten_inputs((), {"input_ids": torch.zeros(1, 256, dtype=torch.int64), **extra})
         result = compile_graph(copy_graph_module(captured.gm), options, sample_inputs=sample, calibration=calibration)
@@ -226,25 +230,11 @@ def quality_rows(models: Models, windows: list[int], methods: list[str], count: 
 
 
 def passkey_case(tok: Any, length: int, depth: float, key: str) -> tuple[torch.Tensor, list[int]]:
-    """(ids of exactly `length` tokens ending with the key's tokens, positions of the key tokens)."""
-    intro = "There is an important pass key hidden inside a lot of irrelevant text. Find it and remember it. "
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    question = "What is the pass key? The pass key is "
-    key_ids = tok(key, add_special_tokens=False)["input_ids"]
-    fixed = tok(intro + needle + question, add_special_tokens=False)["input_ids"]
-    filler_ids = tok(FILLER * (length // 8), add_special_tokens=False)["input_ids"]
-    room = length - len(fixed) - len(key_ids)
-    before = int(room * depth)
-    ids = (
-        tok(intro, add_special_tokens=False)["input_ids"] + filler_ids[:before]
-        + tok(needle, add_special_tokens=False)["input_ids"] + filler_ids[before:room]
-        + tok(question, add_special_tokens=False)["input_ids"] + key_ids
-    )
-    ids = ids[:length]
-    if len(ids) < length:  # tokenization at the seams can differ by a token or two
-        ids = ids[: len(ids) - len(key_ids)] + filler_ids[: length - len(ids)] + key_ids
-    start = length - len(key_ids)
-    return torch.tensor([ids]), list(range(start, length))
+    """(ids of exactly `length` tokens ending with the key's tokens, positions of the key tokens),
+    filled with the classic repeated sentences."""
+    from compiler.evaluation import passkey_prompt
+
+    return passkey_prompt(tok, tok(FILLER * (length // 8), add_special_tokens=False)["input_ids"], length, depth, key)
 
 
 def passkey_rows(models: Models, lengths: list[int], cases: int) -> list[dict[str, Any]]:

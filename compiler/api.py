@@ -30,7 +30,7 @@ def compile(
     pipeline: Pipeline | None = None,
     verify: bool = False,
     dump_dir: str | None = None,
-    calibration: Callable[[int, int], Sequence[Any]] | Sequence[Any] | None = None,
+    calibration: Calibration | Callable[[int, int], Sequence[Any]] | Sequence[Any] | None = None,
     dynamic_shapes: Any = None,
 ) -> CompiledModule:
     """Compile `model` for `target`.
@@ -39,7 +39,8 @@ def compile(
     named passes, `disable` removes some, `budget` bounds lossy passes ("lossless",
     "ppl:+2%", "agreement:98%"), `verify` checks each pass numerically on the example inputs.
     `calibration` feeds lossy passes: a function `(window, count) -> list of model inputs`
-    (each like `example_inputs`), or a list of model inputs. `dynamic_shapes` goes to
+    (each like `example_inputs`), a list of model inputs, or a `Calibration` (which can also make
+    retrieval prompts, `Calibration(make, retrieval=...)`). `dynamic_shapes` goes to
     torch.export (e.g. the sequence dimension, so that one graph serves every length).
     """
     options = CompileOptions.make(target, budget, passes, disable, pipeline, verify, dump_dir)
@@ -51,7 +52,10 @@ def compile(
     sample = captured.flatten_inputs(args, kwargs)
     source = None
     if calibration is not None:
-        source = Calibration(calibration) if callable(calibration) else Calibration.fixed(calibration)
+        if isinstance(calibration, Calibration):
+            source = calibration
+        else:
+            source = Calibration(calibration) if callable(calibration) else Calibration.fixed(calibration)
         source = source.with_flatten(captured.flatten_example)
     result = compile_graph(captured.gm, options, sample_inputs=sample, calibration=source)
     return CompiledModule(captured, result)

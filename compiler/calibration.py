@@ -6,6 +6,10 @@ windows, a weight quantizer short ones), in the captured graph's flat calling co
 model's own inputs (a dict of kwargs, a tuple of args, or a tensor, as `example_inputs`),
 e.g. `MODEL.calibration_batches` of an `optimize` model file; `Calibration.fixed` wraps a list
 of ready inputs. Text for it comes from `*_calibration.txt` only (see compiler.evaluation).
+
+A source may also make retrieval prompts (`MODEL.retrieval_batches`: passkey-style prompts built
+from calibration text, whose last tokens can only be predicted by attending far back): sparse
+attention calibrates on them which heads long-range retrieval needs, as DuoAttention does.
 """
 
 from __future__ import annotations
@@ -16,9 +20,16 @@ from compiler.errors import UserInputError
 
 
 class Calibration:
-    def __init__(self, make: Callable[[int, int], Sequence[Any]], flatten: Callable[[Any], list[Any]] | None = None, name: str = "calibration") -> None:
+    def __init__(
+        self,
+        make: Callable[[int, int], Sequence[Any]],
+        flatten: Callable[[Any], list[Any]] | None = None,
+        name: str = "calibration",
+        retrieval: Callable[[int, int], Sequence[Any]] | None = None,
+    ) -> None:
         self._make = make
         self._flatten = flatten
+        self._retrieval = retrieval
         self.name = name
 
     @classmethod
@@ -28,11 +39,26 @@ class Calibration:
 
     def with_flatten(self, flatten: Callable[[Any], list[Any]]) -> Calibration:
         """The same source, flattened for a captured graph."""
-        return Calibration(self._make, flatten, self.name)
+        return Calibration(self._make, flatten, self.name, self._retrieval)
+
+    def with_retrieval(self, retrieval: Callable[[int, int], Sequence[Any]] | None) -> Calibration:
+        """The same source, with a maker of retrieval prompts (None: none)."""
+        return Calibration(self._make, self._flatten, self.name, retrieval)
+
+    @property
+    def has_retrieval(self) -> bool:
+        return self._retrieval is not None
 
     def batches(self, window: int, count: int) -> list[list[Any]]:
         """`count` inputs of `window` tokens, as flat graph inputs."""
-        made = list(self._make(window, count))
+        return self._flat(self._make, window, count)
+
+    def retrieval_batches(self, window: int, count: int) -> list[list[Any]]:
+        """`count` retrieval prompts of `window` tokens as flat graph inputs ([] without a maker)."""
+        return [] if self._retrieval is None else self._flat(self._retrieval, window, count)
+
+    def _flat(self, make: Callable[[int, int], Sequence[Any]], window: int, count: int) -> list[list[Any]]:
+        made = list(make(window, count))
         if not made:
             raise UserInputError(f"{self.name} gave no inputs for window={window}, count={count}")
         if self._flatten is None:

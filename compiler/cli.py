@@ -102,7 +102,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     calibration = None
     if callable(getattr(module, "calibration_batches", None)):
         calibration = Calibration(module.calibration_batches, name=f"{args.model_file}: calibration_batches()")
-        calibration = calibration.with_flatten(captured.flatten_example)
+        calibration = calibration.with_flatten(captured.flatten_example).with_retrieval(getattr(module, "retrieval_batches", None))
     result = compile_graph(captured.gm, options, sample_inputs=sample, calibration=calibration)
     for record in result.records:
         n = len(record.result.changes) if record.result else 0

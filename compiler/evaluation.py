@@ -226,3 +226,35 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
         target = ids[0, start + 1 : stop + 1]
         total -= float(logp.gather(-1, target.unsqueeze(-1)).sum())
     return total
+
+
+PASSKEY_INTRO = "There is an important pass key hidden inside a lot of irrelevant text. Find it and remember it. "
+PASSKEY_QUESTION = "What is the pass key? The pass key is "
+
+
+def passkey_prompt(tokenizer: Any, filler_ids: Sequence[int], length: int, depth: float, key: str) -> tuple[torch.Tensor, list[int]]:
+    """A passkey-retrieval prompt of exactly `length` tokens (Mohtashami & Jaggi, 2023):
+    an intro, filler with the needle "The pass key is KEY. Remember it." at `depth` (0..1) of
+    it, the question, then the key's own tokens. Returns (ids [1, length], the positions of the
+    key's tokens at the end): a model retrieves the key when its greedy prediction at each
+    position before them is the next key token.
+
+    `filler_ids` are token ids to fill with (the classic repeated "The grass is green..." for
+    evaluation, calibration text for calibration); they must hold at least `length` tokens.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise UserInputError(f"passkey depth is a fraction of the filler in [0, 1], got {depth}")
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    key_ids, intro, needle_ids, question = ids(key), ids(PASSKEY_INTRO), ids(needle), ids(PASSKEY_QUESTION)
+    room = length - len(intro) - len(needle_ids) - len(question) - len(key_ids)
+    if room < 0 or len(filler_ids) < room:
+        raise UserInputError(f"a {length}-token passkey prompt needs {max(room, 0)} filler tokens, {len(filler_ids)} given")
+    filler = list(filler_ids[:room])
+    before = int(room * depth)
+    out = intro + filler[:before] + needle_ids + filler[before:] + question + key_ids
+    start = length - len(key_ids)
+    return torch.tensor([out]), list(range(start, length))

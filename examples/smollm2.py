@@ -82,6 +82,26 @@ def calibration_batches(window: int = PROMPT_TOKENS, count: int = 32) -> list[Ba
     return _batches(("abstracts_calibration", "novel_calibration"), window, count)
 
 
+def retrieval_batches(window: int = 4096, count: int = 4) -> list[Batch]:
+    """`count` passkey-retrieval prompts of `window` tokens built from `novel_calibration.txt`
+    (needle depths spread over 5..95%, keys drawn from a fixed seed): the calibration inputs on
+    which sparse attention finds the heads that long-range retrieval needs (DuoAttention
+    calibrates on synthetic passkey data the same way). Evaluation uses other filler and keys."""
+    from compiler.evaluation import passkey_prompt
+
+    tok = tokenizer()
+    filler = _text_ids("novel_calibration")
+    gen = torch.Generator().manual_seed(1234)
+    batches = []
+    for i in range(count):
+        depth = 0.05 + 0.9 * (i + 0.5) / count
+        key = str(int(torch.randint(10000, 100000, (1,), generator=gen)))
+        start = int(torch.randint(0, max(1, len(filler) - window), (1,), generator=gen))
+        ids, _ = passkey_prompt(tok, filler[start:], window, depth, key)
+        batches.append(_batch(ids))
+    return batches
+
+
 def evaluation_batches(window: int = PROMPT_TOKENS, count: int = 32) -> list[Batch]:
     """`count` input dicts of `window` tokens, half from each `*_evaluation.txt` text."""
     return _batches(("abstracts_evaluation", "novel_evaluation"), window, count)
@@ -101,6 +121,11 @@ def _batches(names: tuple[str, ...], window: int, count: int) -> list[Batch]:
         step = len(windows) // want if want else 1
         batches += [_batch(windows[j * step]) for j in range(want)]
     return batches
+
+
+@functools.cache
+def _text_ids(name: str) -> list[int]:
+    return tokenizer()(load_text(name), add_special_tokens=False)["input_ids"]
 
 
 @functools.cache

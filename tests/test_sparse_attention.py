@@ -151,6 +151,32 @@ def test_choose_takes_the_sparsest_pattern_reaching_the_recall() -> None:
     assert chosen[1][0].kind == "dense"  # no candidate reaches 0.95: a retrieval head
 
 
+def test_last_query_recall_is_exact_attention_of_those_queries() -> None:
+    q, k = _qk(s=90)
+    patterns = [HeadPattern("streaming", window=1), HeadPattern("block_topk", gamma=0.9)]
+    recall, _ = calibrate.score_candidates(q, k, 0.25, BS, patterns, last=20)
+    for c, pattern in enumerate(patterns):
+        mask = block_masks(q, k, Spec((pattern,) * 4, BS))
+        for h in (0, 3):
+            p = torch.softmax((q[0, h] @ k[0, h // 2].T * 0.25).masked_fill(torch.ones(90, 90, dtype=torch.bool).triu(1), -math.inf), -1)
+            # the mass each of the last 20 queries keeps, by the definition, key by key
+            keep = mask[0, h].repeat_interleave(BS, 0)[:90].repeat_interleave(BS, 1)[:, :90]
+            expected = (p[70:] * keep[70:]).sum(-1).mean()
+            torch.testing.assert_close(recall[c, h], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_choose_keeps_heads_dense_that_retrieval_prompts_need() -> None:
+    patterns = [HeadPattern("streaming", window=2), HeadPattern("streaming", window=8)]
+    recall = torch.tensor([[0.99, 0.99], [0.999, 0.999]])
+    dens = torch.tensor([[0.1, 0.1], [0.3, 0.3]])
+    retrieval = torch.tensor([[0.97, 0.40], [0.99, 0.60]])  # head 1 must reach far back
+    chosen = calibrate.choose(recall, dens, patterns, 0.95, retrieval, 0.95)
+    assert chosen[0][0] == patterns[0]
+    assert chosen[1][0].kind == "dense"
+    # a lower bar for retrieval lets the wider window serve head 1
+    assert calibrate.choose(recall, dens, patterns, 0.95, retrieval, 0.5)[1][0] == patterns[1]
+
+
 # -- the pass -----------------------------------------------------------------------------------
 
 
@@ -158,7 +184,7 @@ def _calibration(window: int, count: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": token_inputs(window, seed=100 + i)["input_ids"]} for i in range(count)]
 
 
-def _compile(model: torch.nn.Module, length: int, **options: object) -> compiler.CompiledModule:
+def _compile(model: torch.nn.Module, length: int, calibration: object = _calibration, **options: object) -> compiler.CompiledModule:
     from compiler.passes import default_pipeline
     from compiler.passes.sparse import SparseAttention
 
@@ -167,7 +193,7 @@ def _compile(model: torch.nn.Module, length: int, **options: object) -> compiler
     inputs = {"input_ids": token_inputs(length)["input_ids"]}
     # Fusion off: only the sparse kernel is built, which keeps each test to seconds.
     return compiler.compile(
-        model, inputs, target="host", budget="ppl:+5%", pipeline=pipeline, calibration=_calibration,
+        model, inputs, target="host", budget="ppl:+5%", pipeline=pipeline, calibration=calibration,
         disable="fuse_attention,fuse_regions,fuse_rms_norm",
     )
 
@@ -237,6 +263,28 @@ def test_calibration_is_stored_and_reused(monkeypatch: pytest.MonkeyPatch) -> No
     assert _record(first).result.stats["sites"] == _record(second).result.stats["sites"]
     heads = [h for s in _record(first).result.stats["sites"] for h in s["heads"]]
     assert all(h == "dense" or h.startswith("streaming") for h in heads)
+
+
+def test_retrieval_prompts_make_heads_dense_that_text_alone_would_sparsify() -> None:
+    from compiler.calibration import Calibration
+
+    model = tiny_llama()
+    plain = _compile(model, 96, method="duo", recall=0.5, min_length=0)
+
+    def needle(window: int, count: int) -> list[dict[str, torch.Tensor]]:
+        # the first tokens repeated at the end: induction heads must look back to them
+        out = []
+        for i in range(count):
+            ids = token_inputs(window, seed=300 + i)["input_ids"]
+            ids[0, -16:] = ids[0, 20:36]
+            out.append({"input_ids": ids})
+        return out
+
+    def dense_heads(compiled: compiler.CompiledModule) -> int:
+        return sum(h == "dense" for s in _record(compiled).result.stats["sites"] for h in s["heads"])
+
+    strict = _compile(model, 96, method="duo", recall=0.5, min_length=0, retrieval_recall=0.999, calibration=Calibration(_calibration, retrieval=needle))
+    assert dense_heads(strict) > dense_heads(plain)
 
 
 def test_recall_one_keeps_every_head_dense() -> None:

@@ -25,7 +25,12 @@ pass option `method`:
 Calibration (every method measures its density on it; `calibrated` and `duo` also choose with
 it) runs the graph on `calibration_count` windows of `calibration_length` tokens of calibration
 text, or of the graph's own length when that is fixed; results are stored in the cache under the
-model's weights fingerprint, so a second compile reuses them.
+model's weights fingerprint, so a second compile reuses them. When the calibration source makes
+retrieval prompts (`Calibration.retrieval_batches`: passkeys hidden in calibration text), the
+choosing methods also run `retrieval_count` of them and require a head's pattern to keep
+`retrieval_recall` (default: `recall`) of the attention mass of the last `retrieval_queries`
+queries, the ones that must reach back to the needle: the training-free form of DuoAttention's
+passkey-based calibration of retrieval heads.
 
 Cost gate: the cost model prices dense causal attention against the layout estimate plus the
 sparse attention at the calibrated density, per site shape, as formulas in the sequence length,
@@ -64,7 +69,7 @@ aten = torch.ops.aten
 
 METHODS = ("calibrated", "duo", "streaming", "vertical_slash", "block_topk")
 # Bumped when calibration computes something different, so stored results are not reused.
-_CALIBRATION_VERSION = 1
+_CALIBRATION_VERSION = 2
 
 
 class SparseAttention(Pass):
@@ -83,6 +88,9 @@ class SparseAttention(Pass):
         calibration_length: int = 4096,
         calibration_count: int = 2,
         min_length: int | None = None,
+        retrieval_recall: float | None = None,
+        retrieval_count: int = 4,
+        retrieval_queries: int = 16,
     ) -> None:
         if method not in METHODS:
             raise UserInputError(f"sparse_attention: unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -97,6 +105,9 @@ class SparseAttention(Pass):
         self.calibration_length = calibration_length
         self.calibration_count = calibration_count
         self.min_length = min_length
+        self.retrieval_recall = recall if retrieval_recall is None else retrieval_recall
+        self.retrieval_count = retrieval_count
+        self.retrieval_queries = retrieval_queries
         self.fixed_pattern = HeadPattern(method, sink=sink, window=window, gamma=gamma) if method in PATTERN_KINDS else None
 
     def config(self) -> dict[str, Any]:
@@ -104,6 +115,8 @@ class SparseAttention(Pass):
             "method": self.method, "recall": self.recall, "gamma": self.gamma, "sink": self.sink, "window": self.window,
             "block_size": self.block_size, "calibration_length": self.calibration_length,
             "calibration_count": self.calibration_count, "min_length": self.min_length,
+            "retrieval_recall": self.retrieval_recall, "retrieval_count": self.retrieval_count,
+            "retrieval_queries": self.retrieval_queries,
         }
 
     def run(self, gm: fx.GraphModule, ctx: Any) -> PassResult:
@@ -151,7 +164,7 @@ class SparseAttention(Pass):
 
     def _patterns(self, gm: fx.GraphModule, sites: list[Any], ctx: Any, length: int) -> list[tuple[list[HeadPattern], float]]:
         """Per site: the head patterns and their mean density on calibration text."""
-        store, key = Store(), self._cache_key(gm, sites, length)
+        store, key = Store(), self._cache_key(gm, sites, length, ctx.calibration_data.has_retrieval)
         cached = store.get("sparse_attention", key)
         if cached is not None:
             return [([HeadPattern(**h) for h in heads], density) for heads, density in cached]
@@ -166,6 +179,15 @@ class SparseAttention(Pass):
 
         batches = ctx.calibration_data.batches(length, self.calibration_count)
         calibrate.collect_qk(gm, sites, batches, on_site)
+        retrieval: dict[int, torch.Tensor] = {}
+        prompts = [] if self.fixed_pattern else ctx.calibration_data.retrieval_batches(length, self.retrieval_count)
+
+        def on_prompt(batch: int, i: int, q: torch.Tensor, k: torch.Tensor) -> None:
+            r, _ = calibrate.score_candidates(q, k, _scale(sites[i]), self.block_size, patterns, last=self.retrieval_queries)
+            retrieval[i] = retrieval.get(i, 0) + r
+
+        if prompts:
+            calibrate.collect_qk(gm, sites, prompts, on_prompt)
         out = []
         for i in range(len(sites)):
             r, d = recall[i] / len(batches), density[i] / len(batches)
@@ -173,15 +195,16 @@ class SparseAttention(Pass):
                 heads = [self.fixed_pattern] * r.shape[1]
                 out.append((heads, float(d[0].mean())))
                 continue
-            chosen = calibrate.choose(r, d, patterns, self.recall)
+            rr = retrieval[i] / len(prompts) if prompts else None
+            chosen = calibrate.choose(r, d, patterns, self.recall, rr, self.retrieval_recall)
             out.append(([c[0] for c in chosen], sum(c[2] for c in chosen) / len(chosen)))
         store.put("sparse_attention", key, [([vars(h) for h in heads], dens) for heads, dens in out])
         return out
 
-    def _cache_key(self, gm: fx.GraphModule, sites: list[Any], length: int) -> str:
+    def _cache_key(self, gm: fx.GraphModule, sites: list[Any], length: int, retrieval: bool) -> str:
         shapes = [(s.q_heads, s.kv_heads, s.head_dim) for s in sites]
         options = {k: v for k, v in self.config().items() if k != "min_length"}  # not used by calibration
-        text = repr((_CALIBRATION_VERSION, options, length, shapes, weights_fingerprint(gm)))
+        text = repr((_CALIBRATION_VERSION, options, length, retrieval, shapes, weights_fingerprint(gm)))
         return hashlib.sha256(text.encode()).hexdigest()
 
 
