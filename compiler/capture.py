@@ -231,13 +231,36 @@ def _fold_sdpa_variants(gm: fx.GraphModule) -> int:
 
 
 def _drop_noops(gm: fx.GraphModule) -> None:
-    """Remove runtime dtype asserts (export's `.to()` checks) and `alias` (a functional no-op)."""
+    """Remove runtime dtype asserts (export's `.to()` checks) and `alias` (a functional no-op),
+    and empty operands of `cat`: HF's cache layers start from `torch.tensor([])` and cat the
+    first keys onto it, which would hide the cache input of an explicit-cache graph behind a
+    copy (`cat([empty, past])` is `past`, and the graph is functional, so nothing can tell)."""
     for node in list(gm.graph.nodes):
         if node.target is aten._assert_tensor_metadata.default:
             gm.graph.erase_node(node)
         elif node.target is aten.alias.default:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+        elif node.target is aten.cat.default:
+            _drop_empty_cat_operands(gm, node)
+
+
+def _drop_empty_cat_operands(gm: fx.GraphModule, node: fx.Node) -> None:
+    parts = node.args[0]
+    out = node.meta.get("val")
+
+    def empty(part: Any) -> bool:
+        val = part.meta.get("val") if isinstance(part, fx.Node) else None
+        # only the legacy 1-D [0] operand, which cat skips whatever the other shapes are
+        return isinstance(val, torch.Tensor) and val.dim() == 1 and isinstance(val.shape[0], int) and val.shape[0] == 0
+    kept = [p for p in parts if not empty(p)]
+    if len(kept) == len(parts) or not kept:
+        return
+    if len(kept) == 1 and isinstance(out, torch.Tensor) and kept[0].meta.get("val") is not None and kept[0].meta["val"].dtype == out.dtype:
+        node.replace_all_uses_with(kept[0])
+        gm.graph.erase_node(node)
+    else:
+        node.args = (kept, *node.args[1:])
 
 
 def _normalize(gm: fx.GraphModule) -> None:

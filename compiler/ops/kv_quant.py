@@ -30,6 +30,7 @@ from the stored fp16 values, and each dequantized element is within scale / 2 of
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -193,9 +194,8 @@ def _cost(q: TensorInfo, k_codes: TensorInfo, k_scale: TensorInfo, k_min: Tensor
     out = TensorInfo((*q.shape[:-1], v_res.shape[-1]), q.dtype)
     work = attention_work(q, keys, values, [out], causal=True, end_aligned=True)
     read, _ = io_bytes([q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res], [])
-    work.bytes_read = read
-    work.bytes_cold = 0
-    work.vector_flops = work.vector_flops + 2 * nq * (math.prod(k_codes.shape[:2])) * (d + v_res.shape[-1])
+    dequantize = 2 * nq * math.prod(k_codes.shape[:2]) * (d + v_res.shape[-1])  # a multiply-add per element
+    work = dataclasses.replace(work, bytes_read=read, bytes_cold=0, vector_flops=work.vector_flops + dequantize)
     return OpCost(work, "attention")
 
 

@@ -159,7 +159,17 @@ def device_source(func: Any, tvm_target: str, name: str) -> str:
 
 def as_kernel_input(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` itself when a TVM kernel can read it in place (contiguous, 64-byte aligned), else
-    a contiguous copy. Only for inputs: a kernel writing to a copy would write to nowhere."""
+    a contiguous copy. Only for inputs: a kernel writing to a copy would write to nowhere.
+    An empty tensor is always replaced: torch calls it contiguous whatever its strides (an empty
+    slice of a cache keeps its parent's), while TVM checks them against its compact ones."""
+    if tensor.numel() == 0:
+        # TVM's compact strides are products of the later sizes (0 across an empty dim);
+        # torch's own treat an empty dim as size 1
+        strides, step = [], 1
+        for size in reversed(tensor.shape):
+            strides.append(step)
+            step *= size
+        return torch.empty_strided(tensor.shape, tuple(reversed(strides)), dtype=tensor.dtype, device=tensor.device)
     if tensor.is_contiguous() and tensor.data_ptr() % _ALIGNMENT == 0:
         return tensor
     return tensor.clone(memory_format=torch.contiguous_format)

@@ -22,8 +22,11 @@ under any unsqueeze/expand (`causal_mask_terms`, shared with `compiler.analysis.
 With no padding term the SDPA becomes `is_causal=True` on the unrepeated K/V (`enable_gqa`);
 with one, `compiler::causal_attention`, which takes the causal path whenever the padding mask
 is all ones at run time and builds the same mask otherwise.
-Anything else (sliding windows, additive float masks, cache offsets) is left alone, and the
-pass result says why.
+Queries that are the last of the key positions (a decode step after a cache of T tokens:
+`kv_idx = arange(T + S)`, `q_idx = arange(T, T + S)`) are causal with queries aligned to the
+end, which `compiler::causal_attention` takes (SDPA's `is_causal` aligns to the start).
+Anything else (sliding windows, additive float masks) is left alone, and the pass result says
+why.
 """
 
 from __future__ import annotations
@@ -109,13 +112,21 @@ def _index(node: Any) -> _Index:
 
 
 def _arange(node: Any) -> tuple[Any, Any]:
-    """(n, c) for `arange(n) + c` (c may be 0 and absent)."""
+    """(n, c) for `arange(n) + c` (c may be 0 and absent) or `arange(c, c + n)` (HF's
+    `cache_position` after a cache of c tokens)."""
     offset: Any = 0
     if isinstance(node, fx.Node) and node.target is aten.add.Tensor:
         node, offset = node.args
+    if isinstance(node, fx.Node) and node.target is aten.arange.start and len(node.args) == 2 and _same(offset, 0):
+        start, end = node.args
+        return _minus(end, start), start
     if not isinstance(node, fx.Node) or node.target is not aten.arange.default or len(node.args) != 1:
         raise NotCausal(f"{node} is not arange(n) + c")
     return node.args[0], offset
+
+
+def _minus(a: Any, b: Any) -> Any:
+    return _val(a) - _val(b)
 
 
 def _positions(node: Any) -> tuple[Any, Any]:
@@ -198,6 +209,7 @@ def _one_packed_sequence(node: fx.Node) -> None:
 @dataclass
 class MaskTerms:
     causal: bool = False
+    square: bool = True  # queries are the key positions; False: the last of them (end-aligned)
     padding: fx.Node | None = None  # the graph input holding the [B, S] padding mask
 
 
@@ -246,9 +258,14 @@ def _collect(node: Any, terms: MaskTerms) -> None:
         kv_i, q_i = _index(kv), _index(q)
         if not kv_i.along(-1) or not q_i.along(-2):
             raise NotCausal(f"{node.name} does not compare key positions with query positions")
-        if not (_same(kv_i.length, q_i.length) and _same(kv_i.offset, q_i.offset)):
-            raise NotCausal(f"{node.name}: queries and keys are not the same positions (cache offset?)")
-        terms.causal = True
+        if _same(kv_i.length, q_i.length) and _same(kv_i.offset, q_i.offset):
+            terms.causal = True
+        elif _same(_val(q_i.offset) + _val(q_i.length), _val(kv_i.offset) + _val(kv_i.length)):
+            # the queries are the last of the key positions (decode after a cache): causal
+            # with queries aligned to the end of the keys, as compiler::causal_attention takes it
+            terms.causal, terms.square = True, False
+        else:
+            raise NotCausal(f"{node.name}: the queries are neither the key positions nor the last of them")
     elif node.target is aten.eq.Tensor:
         _one_packed_sequence(node)
     elif node.target is aten.index.Tensor:
@@ -293,8 +310,11 @@ def unrepeated_kv(node: fx.Node) -> fx.Node:
         chain = chain.args[0]
         if chain.target is aten.clone.default:
             chain = chain.args[0]
-        if chain.target is aten.expand.default and chain.args[0].target is aten.unsqueeze.default:
-            unsq = chain.args[0]
+        inner = chain.args[0] if chain.target is aten.expand.default else None
+        while isinstance(inner, fx.Node) and _is_full_slice(inner):  # HF's `x[:, :, None, :, :]`
+            inner = inner.args[0]
+        if isinstance(inner, fx.Node) and inner.target is aten.unsqueeze.default:
+            unsq = inner
             out, wide, base = _val(node).shape, _val(chain).shape, _val(unsq.args[0]).shape
             if (
                 len(wide) == 5
@@ -329,7 +349,10 @@ class CanonicalizeCausalAttention(Pass):
                 left.append(f"{node.name}: {exc}")
                 continue
             self._rewrite(gm, node, terms)
-            kind = "compiler::causal_attention (padding mask kept)" if terms.padding is not None else "is_causal SDPA"
+            if terms.padding is not None:
+                kind = "compiler::causal_attention (padding mask kept)"
+            else:
+                kind = "is_causal SDPA" if terms.square else "compiler::causal_attention (queries after a cache)"
             result.record(f"{node.name}: explicit causal mask -> {kind} on unrepeated K/V")
         gm.graph.eliminate_dead_code()
         result.stats["rewritten"] = len(result.changes)
@@ -344,7 +367,7 @@ class CanonicalizeCausalAttention(Pass):
         if scale is None:
             scale = float(_val(q).shape[-1]) ** -0.5
         with gm.graph.inserting_before(node):
-            if terms.padding is None:
+            if terms.padding is None and terms.square:
                 kwargs: dict[str, Any] = {"is_causal": True, "scale": scale}
                 if not _same(heads_q, heads_kv):
                     kwargs["enable_gqa"] = True
