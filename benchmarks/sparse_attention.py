@@ -47,7 +47,6 @@ HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK = 9, 3, 64, 64
 SECTIONS = ("kernel", "quality", "passkey", "e2e")
 METHODS = ("calibrated", "duo", "streaming", "vertical_slash", "block_topk")
 DEFAULT_METHOD = "duo"
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
 def _log(msg: str) -> None:
@@ -232,9 +231,9 @@ def quality_rows(models: Models, windows: list[int], methods: list[str], count: 
 def passkey_case(tok: Any, length: int, depth: float, key: str) -> tuple[torch.Tensor, list[int]]:
     """(ids of exactly `length` tokens ending with the key's tokens, positions of the key tokens),
     filled with the classic repeated sentences."""
-    from compiler.evaluation import passkey_prompt
+    from compiler.evaluation import passkey_filler_ids, passkey_prompt
 
-    return passkey_prompt(tok, tok(FILLER * (length // 8), add_special_tokens=False)["input_ids"], length, depth, key)
+    return passkey_prompt(tok, passkey_filler_ids(tok, length), length, depth, key)
 
 
 def passkey_rows(models: Models, lengths: list[int], cases: int) -> list[dict[str, Any]]:

@@ -230,6 +230,13 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 PASSKEY_INTRO = "There is an important pass key hidden inside a lot of irrelevant text. Find it and remember it. "
 PASSKEY_QUESTION = "What is the pass key? The pass key is "
+# The classic filler of passkey retrieval evaluations.
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_filler_ids(tokenizer: Any, length: int) -> list[int]:
+    """At least `length` token ids of the classic repeated filler."""
+    return tokenizer(PASSKEY_FILLER * (length // 8 + 1), add_special_tokens=False)["input_ids"]
 
 
 def passkey_prompt(tokenizer: Any, filler_ids: Sequence[int], length: int, depth: float, key: str) -> tuple[torch.Tensor, list[int]]:

@@ -1,0 +1,139 @@
+"""Explicit-cache decoding and the KIVI cache on a tiny Llama: the prefill/decode graphs
+reproduce the model's own forward token by token, and the `kv_quantize` pass's graph reads
+exactly the cache that `KIVICache` holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compiler.driver import CompileOptions, compile_graph
+from compiler.generation import CachedLM, Session
+from compiler.ir import copy_graph_module
+from compiler.kv_cache import FullCache, KIVICache, cache_for, fp16_bytes
+from compiler.ops import kv_quant
+from compiler.passes import default_pipeline
+from compiler.passes.kv_cache import KVQuantize
+from tests.models import tiny_llama, token_inputs
+
+pytestmark = pytest.mark.usefixtures("kernel_cache_in_tmp")
+
+
+@pytest.fixture(scope="module")
+def llama() -> torch.nn.Module:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def cached(llama: torch.nn.Module) -> CachedLM:
+    return CachedLM.capture(llama)
+
+
+def _compile(gm: torch.fx.GraphModule, *passes: object) -> object:
+    pipeline = default_pipeline()
+    for i, p in enumerate(passes):
+        pipeline.passes.insert(1 + i, p)
+    return compile_graph(copy_graph_module(gm), CompileOptions.make("host", budget="ppl:+5%", pipeline=pipeline))
+
+
+def test_teacher_forced_decode_equals_the_forward(llama: torch.nn.Module, cached: CachedLM) -> None:
+    ids = token_inputs(40, seed=3)["input_ids"]
+    with torch.no_grad():
+        expected = llama(ids).logits[:, 29:39]
+    prefill, decode = _compile(cached.prefill.gm), _compile(cached.decode.gm)
+    for run_prefill, run_decode in ((cached.prefill.gm, cached.decode.gm), (prefill.executable, decode.executable)):
+        got = Session(run_prefill, run_decode, FullCache(2)).score(ids[:, :30], ids[:, 30:])
+        # one forward vs 10 steps: the same math in another order (fp32, logits ~1)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_greedy_generation_equals_hf_generate(llama: torch.nn.Module, cached: CachedLM) -> None:
+    ids = token_inputs(12, seed=4)["input_ids"]
+    with torch.no_grad():
+        expected = llama.generate(ids, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids))[:, 12:]
+    assert torch.equal(Session(cached.prefill.gm, cached.decode.gm, FullCache(2)).generate(ids, 8), expected)
+
+
+def test_decode_positions_are_an_input_not_the_cache_length(cached: CachedLM) -> None:
+    """A cache that keeps fewer entries (eviction) still gives RoPE the true position."""
+    ids = token_inputs(20, seed=5)["input_ids"]
+    session = Session(cached.prefill.gm, cached.decode.gm, FullCache(2))
+    session.prefill(ids[:, :16])
+    keys, values = session.cache.keys, session.cache.values
+    full = cached.decode.gm(ids[:, 16:17], torch.tensor([[16]]), *keys, *values)[0]
+    moved = cached.decode.gm(ids[:, 16:17], torch.tensor([[17]]), *keys, *values)[0]
+    assert not torch.allclose(full, moved)
+
+
+def test_kivi_graph_reads_the_cache_kivi_holds(cached: CachedLM) -> None:
+    """At every step, the quantized graph's logits equal the plain decode graph's given the
+    fp keys and values the KIVI cache stands for (dequantized codes, then the residual)."""
+    compiled = _compile(cached.decode.gm, KVQuantize(bits=4, k_group=4, v_group=8, residual=8))
+    layout = compiled.ir.meta["kv_cache"]
+    assert layout == {"kind": "kivi", "layers": 2, "bits": 4, "k_group": 4, "v_group": 8, "residual": 8}
+    record = next(r for r in compiled.records if r.name == "kv_quantize")
+    assert len(record.result.changes) == 2
+    ops = [n.target for n in compiled.ir.graph.nodes]
+    assert ops.count(kv_quant.quantized_kv_attention.overload) == 2
+    ids = token_inputs(40, seed=6)["input_ids"]
+    session = Session(cached.prefill.gm, compiled.executable, cache_for(layout, 2))
+    logits = session.prefill(ids[:, :21])
+    cache = session.cache
+    assert isinstance(cache, KIVICache) and cache.quantized_tokens() == 16
+    for i in range(12):
+        keys = [torch.cat([kv_quant.dequantize_keys(q, 4), r], 2) for q, r in zip(cache.k_q, cache.k_res)]
+        values = [torch.cat([kv_quant.dequantize_values(q, 4), r], 2) for q, r in zip(cache.v_q, cache.v_res)]
+        token = ids[:, 21 + i]
+        expected = cached.decode.gm(token[:, None], torch.tensor([[21 + i]]), *keys, *values)[0][:, -1]
+        got = session.step(token)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+        # KIVI's schedule: fewer than `residual` recent tokens at full precision
+        assert cache.quantized_tokens() % 8 == 0 and cache.k_res[0].shape[2] < 8
+        assert cache.quantized_tokens() + cache.k_res[0].shape[2] == 22 + i
+    assert logits.shape == (1, 128)
+
+
+def test_int8_cache_changes_logits_by_little(cached: CachedLM) -> None:
+    compiled = _compile(cached.decode.gm, KVQuantize(bits=8, k_group=4, v_group=8, residual=4))
+    ids = token_inputs(40, seed=7)["input_ids"]
+    fp = Session(cached.prefill.gm, cached.decode.gm, FullCache(2)).score(ids[:, :24], ids[:, 24:])
+    q8 = Session(cached.prefill.gm, compiled.executable, cache_for(compiled.ir.meta["kv_cache"], 2)).score(ids[:, :24], ids[:, 24:])
+    assert float((q8 - fp).abs().max()) < 0.02 * float(fp.abs().max())
+    assert torch.equal(q8.argmax(-1), fp.argmax(-1))
+
+
+def test_pass_leaves_graphs_without_a_cache_input_alone(cached: CachedLM) -> None:
+    compiled = _compile(cached.prefill.gm, KVQuantize())
+    record = next(r for r in compiled.records if r.name == "kv_quantize")
+    assert not record.result.changes and "kv_cache" not in compiled.ir.meta
+    assert any("not cat(past input, new)" in why for why in record.result.stats["left"])
+
+
+def test_pass_is_skipped_under_a_lossless_budget(cached: CachedLM) -> None:
+    pipeline = default_pipeline()
+    pipeline.passes.insert(1, KVQuantize())
+    result = compile_graph(copy_graph_module(cached.decode.gm), CompileOptions.make("host", pipeline=pipeline))
+    record = next(r for r in result.records if r.name == "kv_quantize")
+    assert record.status == "skipped" and "lossless" in record.reason
+
+
+def test_kivi_bytes_are_codes_plus_fp16_scales_plus_the_residual() -> None:
+    cache = KIVICache(3, bits=4, k_group=32, v_group=16, residual=64)
+    keys = [torch.randn(1, 2, 200, 32) for _ in range(3)]
+    cache.load(keys, [k.clone() for k in keys])
+    quantized, residual, heads = 192, 8, 2  # whole residuals of 64 quantized, the rest at fp32
+    codes = 2 * heads * quantized * 32 // 2  # 4-bit codes of keys and of values, 2 per byte
+    key_scales = 2 * heads * (quantized // 32) * 32 * 2  # scale and min per 32 tokens per channel, fp16
+    value_scales = 2 * heads * quantized * (32 // 16) * 2  # scale and min per 16 channels per token, fp16
+    residual_bytes = 2 * heads * residual * 32 * 4  # residual keys and values, fp32
+    assert cache.nbytes() == 3 * (codes + key_scales + value_scales + residual_bytes)
+    assert fp16_bytes(3, 1, 2, 200, 32, 32) == 3 * 2 * 200 * 64 * 2
+
+
+def test_kivi_refuses_a_residual_that_is_not_whole_key_groups() -> None:
+    from compiler.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="multiple of the key group"):
+        KIVICache(2, k_group=32, residual=48)
+    with pytest.raises(UserInputError, match="bits must be one of"):
+        KVQuantize(bits=3)
