@@ -28,15 +28,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from compiler.analysis import find_attention
 from compiler.cost_model.rules import TensorInfo
 from compiler.errors import UserInputError
 from compiler.ir import propagate_meta
 from compiler.ops import causal_attention as CAUSAL_ATTENTION
 from compiler.ops import kv_quant
 from compiler.passes.base import Pass, PassResult
+from compiler.passes.kv_cache.sites import NOT_DECODE, CachedSite, decode_sites, site_scale
 
 aten = torch.ops.aten
 
@@ -68,21 +67,14 @@ class KVQuantize(Pass):
             result.stats["left"].append(f"the graph already reads a {gm.meta['kv_cache']['kind']} cache")
             return result
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        sites, why = [], []
-        for site in find_attention(gm):
-            found = _cached_site(site, placeholders)
-            if isinstance(found, str):
-                why.append(f"site {site.index} ({site.output.name}): {found}")
-            else:
-                sites.append(found)
+        sites, why = decode_sites(gm)
         if why or not sites:
-            result.stats["left"] = why or ["no attention site reads cat(past input, new) with one query: not an explicit-cache decode graph"]
+            result.stats["left"] = why or [NOT_DECODE]
             return result
         v_group = min(self.v_group, sites[0].site.value_dim)
         if sites[0].site.value_dim % v_group or any(s.site.head_dim % (8 // self.bits) for s in sites):
             result.stats["left"] = [f"head dims {sites[0].site.head_dim}/{sites[0].site.value_dim} do not split into {self.bits}-bit bytes and groups of {v_group}"]
             return result
-        sites.sort(key=lambda s: placeholders.index(s.past_k))
         last = placeholders[-1]
         for layer, found in enumerate(sites):
             new_inputs, last = self._inputs(gm, found, layer, last, v_group)
@@ -163,41 +155,9 @@ def _quantized_infos(site: Any, n: int, bits: int, k_group: int, v_group: int) -
     ]
 
 
-class _Found:
-    def __init__(self, site: Any, k_cat: fx.Node, v_cat: fx.Node, past_k: fx.Node, past_v: fx.Node) -> None:
-        self.site, self.k_cat, self.v_cat, self.past_k, self.past_v = site, k_cat, v_cat, past_k, past_v
-
-
-def _cat_of_past(node: fx.Node, placeholders: list[fx.Node]) -> fx.Node | None:
-    """The past input of `node` = cat([past, new], dim 2 of 4), or None."""
-    if node.op != "call_function" or node.target is not aten.cat.default:
-        return None
-    parts = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    if len(parts) != 2 or dim not in (2, -2) or parts[0] not in placeholders:
-        return None
-    return parts[0]
-
-
-def _cached_site(site: Any, placeholders: list[fx.Node]) -> _Found | str:
-    q = site.q.meta["val"]
-    if not statically_known_true(q.shape[-2] == 1):
-        return "more than one query: not a decode step"
-    past_k, past_v = _cat_of_past(site.k, placeholders), _cat_of_past(site.v, placeholders)
-    if past_k is None or past_v is None:
-        return "keys or values are not cat(past input, new) along the sequence"
-    if site.mask is not None and not site.causal:
-        return f"has a mask that is not causal ({site.reason})" if site.reason else "has a mask that is not causal"
-    if site.key_padding_mask is not None:
-        return "has a key padding mask (batched prompts of different lengths): not supported by the quantized cache"
-    if q.dtype != torch.float32 or past_k.meta["val"].dtype != torch.float32:
-        return f"dtype {q.dtype}: the quantized cache takes fp32 graphs"
-    return _Found(site, site.k, site.v, past_k, past_v)
-
-
-def _rewrite(gm: fx.GraphModule, found: _Found, inputs: list[fx.Node], bits: int, k_group: int) -> fx.Node:
+def _rewrite(gm: fx.GraphModule, found: CachedSite, inputs: list[fx.Node], bits: int, k_group: int) -> fx.Node:
     site = found.site
-    scale = float(site.scale) if site.scale is not None else site.head_dim ** -0.5
+    scale = site_scale(site)
     graph = gm.graph
     with graph.inserting_before(site.output):
         new = graph.call_function(kv_quant.quantized_kv_attention.overload, (site.q, *inputs, found.k_cat, found.v_cat, scale, bits, k_group))
