@@ -17,6 +17,9 @@ the past is: the full fp cache hands in every key; the KIVI cache, whose decode 
 `kv_quantize` pass rewrote, hands in its full-precision residual plus packed codes and scales
 (the inputs that pass appended, described by the graph's `meta["kv_cache"]`).
 
+An eviction pass (`kv_evict`) may append one output per layer to either graph: the attention
+each key received ([B, Hkv, n]), which the evicting cache ranks positions by.
+
 `CachedLM` captures both graphs (torch.export, dynamic lengths), `compile` runs them through
 `compile_graph` with any pipeline, and `Session` runs prefill then one decode step per token:
 `generate` (greedy) and `score` (teacher-forced log-probabilities of a given continuation, for
@@ -133,8 +136,8 @@ class Session:
         if input_ids.dim() != 2 or input_ids.shape[1] < 2:
             raise UserInputError(f"prefill takes input_ids [B, S] with S >= 2, got {list(input_ids.shape)}")
         with torch.no_grad():
-            logits, keys, values = self._split(self.prefill_fn(input_ids))
-        self.cache.load(keys, values)
+            logits, keys, values, scores = self._split(self.prefill_fn(input_ids))
+        self.cache.load(keys, values, scores)
         self.position = input_ids.shape[1]
         return logits[:, -1]
 
@@ -143,8 +146,8 @@ class Session:
         token = token.reshape(-1, 1)
         position = torch.full_like(token, self.position)
         with torch.no_grad():
-            logits, keys, values = self._split(self.decode_fn(token, position, *self.cache.graph_inputs()))
-        self.cache.append(keys, values)
+            logits, keys, values, scores = self._split(self.decode_fn(token, position, *self.cache.graph_inputs()))
+        self.cache.append(keys, values, scores)
         self.position += 1
         return logits[:, -1]
 
@@ -168,8 +171,10 @@ class Session:
             logits.append(self.step(continuation[:, i]))
         return torch.stack(logits, 1)
 
-    def _split(self, flat: Sequence[Any]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    def _split(self, flat: Sequence[Any]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
+        """(logits, keys, values, the attention scores an eviction pass added, or None)."""
         layers = self.cache.layers
-        if len(flat) != 1 + 2 * layers:
-            raise ValueError(f"a cached-LM graph returns logits plus {layers} keys and {layers} values; got {len(flat)} outputs")
-        return flat[0], list(flat[1 : 1 + layers]), list(flat[1 + layers :])
+        if len(flat) not in (1 + 2 * layers, 1 + 3 * layers):
+            raise ValueError(f"a cached-LM graph returns logits plus {layers} keys and {layers} values (and {layers} scores); got {len(flat)} outputs")
+        scores = list(flat[1 + 2 * layers :]) or None
+        return flat[0], list(flat[1 : 1 + layers]), list(flat[1 + layers : 1 + 2 * layers]), scores

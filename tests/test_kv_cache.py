@@ -137,3 +137,99 @@ def test_kivi_refuses_a_residual_that_is_not_whole_key_groups() -> None:
         KIVICache(2, k_group=32, residual=48)
     with pytest.raises(UserInputError, match="bits must be one of"):
         KVQuantize(bits=3)
+
+
+# -- eviction ----------------------------------------------------------------------------------
+
+
+def test_key_scores_are_the_attention_each_key_receives() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 6, 8, generator=gen), torch.randn(1, 2, 10, 8, generator=gen)
+    got = torch.ops.compiler.attention_key_scores(q, k, 0.4, 3)
+    expected = torch.zeros(1, 2, 10)
+    for h in range(4):
+        for i in range(3, 6):  # the last 3 of 6 queries, at positions 7, 8, 9 of 10 keys
+            p = torch.softmax(q[0, h, i] @ k[0, h // 2].T * 0.4 + torch.where(torch.arange(10) <= i + 4, 0.0, float("-inf")), -1)
+            expected[0, h // 2] += p
+    torch.testing.assert_close(got, expected)
+    assert torch.allclose(torch.ops.compiler.attention_key_scores(q, k, 0.4, 0).sum(), torch.tensor(24.0))  # 6 queries x 4 heads
+
+
+def _evicting(cached: CachedLM, policy: str, budget: float, **options: object) -> Session:
+    from compiler.passes.kv_cache import KVEvict
+
+    prefill = _compile(cached.prefill.gm, KVEvict(policy, budget, **options))
+    decode = _compile(cached.decode.gm, KVEvict(policy, budget, **options))
+    assert prefill.ir.meta["kv_cache"]["policy"] == policy == decode.ir.meta["kv_cache"]["policy"]
+    return Session(prefill.executable, decode.executable, cache_for(decode.ir.meta["kv_cache"], 2))
+
+
+@pytest.mark.parametrize("policy", ["streaming", "snapkv", "h2o"])
+def test_a_budget_that_holds_everything_changes_nothing(cached: CachedLM, policy: str) -> None:
+    ids = token_inputs(40, seed=8)["input_ids"]
+    fp = Session(cached.prefill.gm, cached.decode.gm, FullCache(2)).score(ids[:, :24], ids[:, 24:])
+    got = _evicting(cached, policy, 64).score(ids[:, :24], ids[:, 24:])
+    torch.testing.assert_close(got, fp, atol=2e-5, rtol=1e-4)
+
+
+def test_streaming_keeps_sinks_and_the_most_recent(cached: CachedLM) -> None:
+    ids = token_inputs(40, seed=9)["input_ids"]
+    session = _evicting(cached, "streaming", 12, sink=2)
+    session.prefill(ids[:, :30])
+    assert session.cache.positions[0][0, 0].tolist() == [0, 1, *range(20, 30)]
+    full = Session(cached.prefill.gm, cached.decode.gm, FullCache(2))
+    full.prefill(ids[:, :30])
+    torch.testing.assert_close(session.cache.keys[1], full.cache.keys[1][:, :, [0, 1, *range(20, 30)]])
+    for i in range(3):
+        session.step(ids[:, 30 + i])
+    assert session.cache.positions[1][0, 1].tolist() == [0, 1, *range(23, 33)]
+
+
+def test_snapkv_keeps_the_window_and_the_most_voted_positions(cached: CachedLM) -> None:
+    ids = token_inputs(40, seed=10)["input_ids"]
+    session = _evicting(cached, "snapkv", 0.5, window=4, pool=1)
+    session.prefill(ids[:, :32])
+    # brute force: the window's attention per key from the plain graphs' q and k
+    sites_q = _prefill_queries_and_keys(cached, ids[:, :32])
+    for layer, (q, k) in enumerate(sites_q):
+        votes = torch.ops.compiler.attention_key_scores(q, k, q.shape[-1] ** -0.5, 4)[..., :28]
+        for h in range(2):
+            expected = sorted(votes[0, h].topk(12).indices.tolist()) + [28, 29, 30, 31]
+            assert session.cache.positions[layer][0, h].tolist() == expected
+    before = session.cache.keys[0].shape[2]
+    session.step(ids[:, 32])
+    assert session.cache.keys[0].shape[2] == before + 1  # SnapKV compresses the prompt only
+
+
+def _prefill_queries_and_keys(cached: CachedLM, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from compiler.passes.kv_cache.sites import prefill_sites
+    from compiler.passes.sparse.calibrate import collect_qk
+
+    sites, why = prefill_sites(cached.prefill.gm, 2)
+    assert not why
+    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    collect_qk(cached.prefill.gm, sites, [[ids]], lambda b, i, q, k: got.__setitem__(i, (q, k)))
+    return [got[i] for i in range(2)]
+
+
+def test_h2o_holds_its_budget_and_keeps_the_recent_window(cached: CachedLM) -> None:
+    ids = token_inputs(40, seed=11)["input_ids"]
+    session = _evicting(cached, "h2o", 10, recent=0.5)
+    session.prefill(ids[:, :24])
+    assert session.cache.keys[0].shape[2] == 10
+    for i in range(6):
+        session.step(ids[:, 24 + i])
+        positions = session.cache.positions[0][0, 0].tolist()
+        assert len(positions) == 10 and positions == sorted(positions)
+        assert positions[-5:] == list(range(25 + i - 5, 25 + i))  # the 5 most recent are kept
+    # the accumulated attention of each kept entry is a sum of probabilities: at most one per
+    # query and query head that has seen it (2 query heads per KV head, 24 + 6 queries)
+    assert float(session.cache.scores[0].max()) <= 2 * 30
+
+
+def test_eviction_names_a_missing_score_output() -> None:
+    from compiler.kv_cache import EvictingCache
+
+    cache = EvictingCache(2, "snapkv", 0.5)
+    with pytest.raises(ValueError, match="kv_evict pass"):
+        cache.load([torch.zeros(1, 2, 8, 4)] * 2, [torch.zeros(1, 2, 8, 4)] * 2)

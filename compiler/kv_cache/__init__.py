@@ -8,5 +8,6 @@ the graph (`meta["kv_cache"]`, set by the pass that changed its inputs); `cache_
 """
 
 from compiler.kv_cache.cache import FullCache, KIVICache, KVCache, cache_for, fp16_bytes
+from compiler.kv_cache.eviction import POLICIES, EvictingCache, budget_tokens
 
-__all__ = ["FullCache", "KIVICache", "KVCache", "cache_for", "fp16_bytes"]
+__all__ = ["POLICIES", "EvictingCache", "FullCache", "KIVICache", "KVCache", "budget_tokens", "cache_for", "fp16_bytes"]

@@ -30,12 +30,14 @@ class KVCache(ABC):
         self.length = 0  # positions seen (prompt plus decoded), whatever is kept of them
 
     @abstractmethod
-    def load(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
-        """Take the prompt's keys and values, [B, Hkv, S, D] per layer."""
+    def load(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], scores: Sequence[torch.Tensor] | None = None) -> None:
+        """Take the prompt's keys and values, [B, Hkv, S, D] per layer (and the attention each
+        key received, [B, Hkv, S], when the prefill graph gives it: eviction ranks by it)."""
 
     @abstractmethod
-    def append(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
-        """Take one decode step's new keys and values, [B, Hkv, 1, D] per layer."""
+    def append(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], scores: Sequence[torch.Tensor] | None = None) -> None:
+        """Take one decode step's new keys and values, [B, Hkv, 1, D] per layer (and the
+        attention over the cache plus the new key, [B, Hkv, n + 1], when the graph gives it)."""
 
     @abstractmethod
     def graph_inputs(self) -> list[torch.Tensor]:
@@ -60,12 +62,12 @@ class FullCache(KVCache):
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
-    def load(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    def load(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], scores: Sequence[torch.Tensor] | None = None) -> None:
         self._check(keys, values)
         self.keys, self.values = [k.contiguous() for k in keys], [v.contiguous() for v in values]
         self.length = keys[0].shape[2]
 
-    def append(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    def append(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], scores: Sequence[torch.Tensor] | None = None) -> None:
         self._check(keys, values)
         self.keys = [torch.cat([a, b], 2) for a, b in zip(self.keys, keys)]
         self.values = [torch.cat([a, b], 2) for a, b in zip(self.values, values)]
@@ -104,7 +106,7 @@ class KIVICache(KVCache):
         self.k_q: list[kv_quant.Quantized] = []
         self.v_q: list[kv_quant.Quantized] = []
 
-    def load(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    def load(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], scores: Sequence[torch.Tensor] | None = None) -> None:
         self._check(keys, values)
         n = keys[0].shape[2]
         cut = n // self.residual * self.residual
@@ -114,7 +116,7 @@ class KIVICache(KVCache):
         self.v_res = [v[:, :, cut:].contiguous() for v in values]
         self.length = n
 
-    def append(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    def append(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], scores: Sequence[torch.Tensor] | None = None) -> None:
         self._check(keys, values)
         self.k_res = [torch.cat([a, b], 2) for a, b in zip(self.k_res, keys)]
         self.v_res = [torch.cat([a, b], 2) for a, b in zip(self.v_res, values)]
@@ -156,4 +158,8 @@ def cache_for(layout: dict[str, Any] | None, layers: int) -> KVCache:
         return FullCache(layers)
     if layout["kind"] == "kivi":
         return KIVICache(layers, layout["bits"], layout["k_group"], layout["v_group"], layout["residual"])
-    raise UserInputError(f"no cache implements the layout {layout.get('kind')!r}; known: full, kivi")
+    if layout["kind"] == "evict":
+        from compiler.kv_cache.eviction import EvictingCache
+
+        return EvictingCache(layers, layout["policy"], layout["budget"], layout["sink"], layout["window"], layout["pool"], layout["recent"])
+    raise UserInputError(f"no cache implements the layout {layout.get('kind')!r}; known: full, kivi, evict")

@@ -5,23 +5,30 @@ Part of the codegen step (capture -> passes -> codegen -> compiled module). The 
 attention (one query per head, Sq == 1) over a cache of Nq quantized tokens followed by Nr
 full-precision residual ones, in `kv_quant`'s format: packed uint8 codes, keys quantized per
 channel over groups of Gk tokens, values per token over groups of Gv channels, fp16 scale and
-min (x = code * scale + min); query head h reads KV head h // G, G = Hq // Hkv. A decode step is
-bound by reading the cache, so the kernel reads the codes as stored and dequantizes nothing
-ahead: no fp32 K or V exists outside a register. The algebra that makes this cheap:
+min (x = code * scale + min); query head h reads KV head h // G, G = Hq // Hkv. A decode step
+reads the whole cache for little arithmetic per element, so the kernel reads the codes as stored
+(4-bit codes are an eighth of fp32's bytes) and dequantizes nothing ahead: no fp32 K or V exists
+outside a register, and the work per element is kept to an unpacking and one FMA:
 
 - keys: q . k = sum_d (q_d * s_d) * code_d + sum_d q_d * m_d, the scales and minimums constant
   over a key group. Once per group, q (times the softmax scale) is multiplied into the scales
   and dotted with the minimums; the score of each of its Gk keys is then one FMA per element
   between the codes and that scaled query, plus the group's constant;
 - values: sum_t p_t * (code_td * s_tg + m_tg) = sum_t (p_t * s_tg) * code_td + sum_t p_t * m_tg.
-  A token's weights p_t * s_tg take G x Dv / Gv multiplies; each element one FMA; the minimums
-  are a dot product of the chunk's probabilities per channel group, added once per chunk;
+  Once per chunk, the probabilities are multiplied into the scales (a weight per token and
+  channel group) and dotted with the minimums; each element is then one FMA, and the minimums'
+  term is added when the chunk's output is written;
 - unpacking: code j of byte i is element i * (8 // bits) + j. The kernel never restores the
-  element order within a row: a vector of consecutive bytes, shifted right by j * bits and
-  masked, gives elements i * (8 // bits) + j for every i in it, and the query (keys) or the
-  accumulator (values) is kept in that order instead, permuted once per group (keys) or once
-  per chunk (values). Unpacking is then a zero-extending load, a shift, an AND and an integer
-  conversion per vector, no shuffle; it is shared by the G query heads of the KV head.
+  element order within a row: it keeps the query (keys) and the accumulators (values) in the
+  codes' order instead, (j, i) with j major, permuted once per key group or once per chunk. A
+  vector of consecutive bytes ANDed with the mask of code j gives code j of each, times
+  2**(j * bits), exactly, after an integer-to-float conversion; the factor is folded into the
+  permuted query (or applied to the accumulators at the end), so no shift is needed. Where a
+  row is whole vectors of 32-bit words (4-bit codes at head dim 64: one vector of 8 words), the
+  codes are read as words, 32 // bits codes each, which saves the widening of bytes into lanes.
+  An unpacked vector is shared by the G query heads of the KV head;
+- scores are dot products along vector lanes; the partial sums of `lanes` keys are reduced
+  together, by a butterfly of shuffles, rather than one horizontal sum per key.
 
 Split-KV, as `attention`'s decode: the quantized tokens go by chunks of whole key groups (256
 tokens, or one group when Gk is larger), the residual by chunks of `attention`'s decode chunk;
@@ -29,9 +36,9 @@ a work item is (batch entry, KV head, chunk) and covers the G query heads of tha
 every code is read once. Items run in parallel on TVM's thread pool. Per item: the chunk's
 scores (above, or plain dot products along vector lanes for residual keys), its softmax max and
 sum (Cephes exp, `attention`'s `_exp_nonpositive`), then P @ V into register tiles of query heads
-x vectors of columns (accumulators in the permuted order for codes); it leaves a partial (max,
-sum, unnormalized output) that a final serial loop combines per head, rescaled by exp(chunk max
-- overall max). Nq = 0 or Nr = 0 simply gives no chunk of that kind.
+x vectors of columns; it leaves a partial (max, sum, unnormalized output) that a final serial
+loop combines per head, rescaled by exp(chunk max - overall max). Nq = 0 or Nr = 0 simply gives
+no chunk of that kind.
 
 Batch, Nq (and its Nq / Gk key groups) and Nr are symbolic TIR vars, so one build serves every
 cache length; bits, Gk, Gv, head counts and head dims are fixed per build; q, the residual and
@@ -52,6 +59,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -68,10 +76,12 @@ from compiler.ops.registry import Kernel, LoweringRequest
 # Quantized tokens per chunk (rounded to whole key groups): as `attention`'s decode chunk, enough
 # items for the thread pool at a few thousand tokens, each long enough to amortize its partial.
 _CHUNK_TOKENS = 256
-# Accumulators of a P @ V register tile (AVX2 has 16 vector registers: 12 accumulators plus the
-# unpacked codes and the broadcast weight).
-import os; _ACCUMULATORS = int(os.environ.get("ACC", 6))  # TEMP
+# Accumulators of a P @ V register tile: 3 query heads x 2 vectors at GQA 3, with their 3
+# broadcast weights and the unpacked codes well inside AVX2's 16 vector registers. Tiles of 12
+# (the prefill's) made LLVM spill accumulators in the token loop: measured ~12% slower overall.
+_ACCUMULATORS = 6
 _ARGS = ("q", "k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "k_res", "v_res")
+_DTYPES = (torch.float32, torch.uint8, *[SCALE_DTYPE] * 2, torch.uint8, *[SCALE_DTYPE] * 2, torch.float32, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -112,8 +122,8 @@ class _Rows:
     residual): `items` stored items per row, `per` elements per item; element j of item i is
     element i * per + j of the row, and the kernel keeps rows in (j, i) order, j major. Items are
     floats (the residual), bytes of codes (8 // bits each), or 32-bit words of codes (`words`:
-    32 // bits each, the bytes read four at a time; a word's code j is still element i * per + j
-    since x86 is little-endian)."""
+    32 // bits each, the bytes read four at a time; on a little-endian host a word's code j is
+    element i * per + j)."""
 
     per: int
     items: int
@@ -222,14 +232,11 @@ def _shape(
 ) -> _Shape:
     what = "TVM quantized_kv_attention"
     tensors = dict(zip(_ARGS, (q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res)))
-    dtypes = {"q": torch.float32, "k_res": torch.float32, "v_res": torch.float32}
-    dtypes |= {"k_codes": torch.uint8, "v_codes": torch.uint8}
-    dtypes |= {n: SCALE_DTYPE for n in ("k_scale", "k_min", "v_scale", "v_min")}
-    for name, t in tensors.items():
+    for (name, t), dtype in zip(tensors.items(), _DTYPES):
         if t.dim() != 4:
             raise Unsupported(f"{what} takes 4-d tensors; {name} has {t.dim()} dims")
-        if t.dtype != dtypes[name]:
-            raise Unsupported(f"{what} takes {dtypes[name]} {name}, not {t.dtype}")
+        if t.dtype != dtype:
+            raise Unsupported(f"{what} takes {dtype} {name}, not {t.dtype}")
     if not isinstance(bits, int) or bits not in BITS or not isinstance(k_group, int) or k_group < 1:
         raise Unsupported(f"{what} needs static bits in {BITS} and a static key group; got {bits!r}, {k_group!r}")
     queries = q.shape[2]
@@ -277,7 +284,9 @@ def _row_layouts(shape: _Shape, lanes: int) -> tuple[_Rows, _Rows, _Rows, _Rows]
 
     def codes(dim: int, group: int) -> _Rows:
         per = 32 // shape.bits
-        if shape.bits < 8 and dim % (per * lanes) == 0 and group % (per * lanes) == 0:
+        # (a word's code j is element i * per + j only where its first byte is its lowest)
+        whole = dim % (per * lanes) == 0 and group % (per * lanes) == 0
+        if shape.bits < 8 and whole and sys.byteorder == "little":
             return _Rows(per, dim // per, shape.bits, words=True)
         return _Rows(shape.per_byte, dim // shape.per_byte, shape.bits)
 
@@ -595,7 +604,7 @@ def _host_runner(shape: _Shape, kernel: BuiltFunction, key_words: bool, value_wo
             return QUANTIZED_KV_ATTENTION.reference(*tensors, scale, bits, k_group)
         # The op's output layout: the kernel writes its [B, 1, Hq, Dv] memory order directly.
         out = output_like(q, v_res)
-        inputs = [_kernel_input(t) for t in tensors]
+        inputs = [as_kernel_input(t) for t in tensors]  # (an empty part of the cache included)
         inputs = [t.view(torch.int32) if word else t for t, word in zip(inputs, words)]
         kernel(*inputs, out.transpose(1, 2), float(scale))
         return out
@@ -603,36 +612,23 @@ def _host_runner(shape: _Shape, kernel: BuiltFunction, key_words: bool, value_wo
     return run
 
 
-def _kernel_input(t: torch.Tensor) -> torch.Tensor:
-    """`as_kernel_input`, and for an empty part of the cache (Nq or Nr = 0) an empty tensor with
-    the strides TVM checks: row-major products of the sizes, 0 included (torch counts a 0 as 1)."""
-    if t.numel():
-        return as_kernel_input(t)
-    strides = [math.prod(t.shape[i + 1 :]) for i in range(t.dim())]
-    return torch.empty_strided(t.shape, strides, dtype=t.dtype)
-
-
 def _kernel_takes(shape: _Shape, tensors: tuple[torch.Tensor, ...], bits: int, k_group: int) -> bool:
-    """Whether the kernel computes this call; else the reference does (and raises the op's errors)."""
-    q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res = tensors
-    if bits != shape.bits or k_group != shape.key_group or any(t.dim() != 4 or t.device.type != "cpu" for t in tensors):
+    """Whether the kernel computes this call; else the reference does (and raises the op's errors).
+    Run at every decode step: plain comparisons, cheap next to the kernel."""
+    q, k_codes, _, _, _, v_scale, _, k_res, v_res = tensors
+    if bits != shape.bits or k_group != shape.key_group:
         return False
-    uint8, fp32 = torch.uint8, torch.float32
-    dtypes = (fp32, uint8, SCALE_DTYPE, SCALE_DTYPE, uint8, SCALE_DTYPE, SCALE_DTYPE, fp32, fp32)
-    if any(t.dtype != dtype for t, dtype in zip(tensors, dtypes)):
-        return False
-    b = q.shape[0]
-    fits = (
-        tuple(q.shape) == (b, shape.q_heads, 1, shape.head_dim)
-        and tuple(k_res.shape[:2]) == (b, shape.kv_heads)
-        and v_res.shape[3] == shape.value_dim
-        and v_scale.shape[3] == shape.value_groups
-    )
-    if not fits:
+    if any(t.dtype != dtype or not t.is_cpu for t, dtype in zip(tensors, _DTYPES)):
         return False
     try:
-        check_cache(*tensors, bits, k_group)
+        check_cache(*tensors, bits, k_group)  # every shape consistent with q's
     except ValueError:
         return False  # the reference raises it
-    sizes = [t.numel() for t in tensors] + [b * shape.q_heads * shape.value_dim]
-    return b > 0 and k_codes.shape[2] + k_res.shape[2] > 0 and max(sizes) < 2**31  # int32 indices
+    fits = (
+        q.shape[1] == shape.q_heads and q.shape[2] == 1 and q.shape[3] == shape.head_dim
+        and k_res.shape[1] == shape.kv_heads and v_res.shape[3] == shape.value_dim
+        and v_scale.shape[3] == shape.value_groups
+    )
+    out_numel = q.shape[0] * shape.q_heads * shape.value_dim
+    numel = max(max(t.numel() for t in tensors), out_numel)
+    return fits and out_numel > 0 and k_codes.shape[2] + k_res.shape[2] > 0 and numel < 2**31  # int32 indices
