@@ -13,7 +13,9 @@ Sections (`--only`):
 - `quality`: `--samples` windows of `novel_evaluation.txt`: a `--prompt`-token prompt (2048)
   prefilled, then `--continuation` tokens (256) teacher-forced one decode step at a time
   through the cache. Perplexity of the continuation and top-1 agreement of every step's
-  next-token choice with the fp cache's.
+  next-token choice with the fp cache's, for KIVI at 8/4/2 bits and the eviction policies
+  (streaming, SnapKV, H2O) at budgets of 25% and 50% of the prompt, with the bytes each cache
+  holds at the end.
 - `decode`: decode-step attention at a 4096-token cache: the fused dequantizing kernel of
   `compiler::quantized_kv_attention` (TVM, host) against `F.scaled_dot_product_attention` on
   the dense fp32 cache (9 query heads, 3 KV heads, head_dim 64), interleaved; plus one whole
@@ -57,8 +59,21 @@ def _log(msg: str) -> None:
     print(f"[kv_cache] {msg}", file=sys.stderr, flush=True)
 
 
+Config = tuple  # ("fp",) | ("kivi", bits) | ("evict", policy, budget)
+FP: Config = ("fp",)
+EVICTION = tuple(("evict", policy, budget) for policy in ("streaming", "snapkv", "h2o") for budget in (0.25, 0.5))
+
+
+def config_name(config: Config) -> str:
+    if config[0] == "kivi":
+        return f"kivi-int{config[1]}"
+    if config[0] == "evict":
+        return f"{config[1]}-{int(config[2] * 100)}%"
+    return "fp"
+
+
 class Models:
-    """SmolLM2's prefill and decode graphs, compiled once each per cache kind."""
+    """SmolLM2's prefill and decode graphs, compiled once each per cache configuration."""
 
     def __init__(self) -> None:
         from compiler.generation import CachedLM
@@ -68,39 +83,45 @@ class Models:
         start = time.perf_counter()
         self.lm = CachedLM.capture(self.module.model(), say=_log)
         _log(f"captured prefill and decode graphs in {time.perf_counter() - start:.0f} s")
-        self._prefill: Any = None
-        self._decode: dict[int | None, Any] = {}
+        self._compiled: dict[tuple[str, Config], Any] = {}
 
-    def prefill(self) -> Callable[..., Any]:
-        if self._prefill is None:
-            self._prefill = self._compile(self.lm.prefill.gm, None).executable
-        return self._prefill
+    def compiled(self, graph: str, config: Config) -> Any:
+        """The compiled "prefill" or "decode" graph for a cache configuration. Prefill is the
+        fp one except for eviction policies that rank positions by attention scores."""
+        if graph == "prefill" and config[0] == "kivi":
+            config = FP
+        key = (graph, config)
+        if key not in self._compiled:
+            self._compiled[key] = self._compile(graph, config)
+        return self._compiled[key]
 
     def decode(self, bits: int | None) -> Any:
-        """The compiled decode graph: fp cache (None) or KIVI at `bits`."""
-        if bits not in self._decode:
-            self._decode[bits] = self._compile(self.lm.decode.gm, bits)
-        return self._decode[bits]
+        return self.compiled("decode", FP if bits is None else ("kivi", bits))
 
-    def session(self, bits: int | None) -> Any:
+    def session(self, config: Config | int | None) -> Any:
         from compiler.generation import Session
         from compiler.kv_cache import cache_for
 
-        compiled = self.decode(bits)
-        return Session(self.prefill(), compiled.executable, cache_for(compiled.ir.meta.get("kv_cache"), self.lm.shape.layers))
+        if not isinstance(config, tuple):
+            config = FP if config is None else ("kivi", config)
+        prefill, decode = self.compiled("prefill", config), self.compiled("decode", config)
+        return Session(prefill.executable, decode.executable, cache_for(decode.ir.meta.get("kv_cache"), self.lm.shape.layers))
 
-    def _compile(self, gm: torch.fx.GraphModule, bits: int | None) -> Any:
+    def _compile(self, graph: str, config: Config) -> Any:
         from compiler.driver import CompileOptions, compile_graph
         from compiler.ir import copy_graph_module
         from compiler.passes import default_pipeline
-        from compiler.passes.kv_cache import KVQuantize
+        from compiler.passes.kv_cache import KVEvict, KVQuantize
 
         pipeline = default_pipeline()
-        if bits is not None:
-            pipeline.passes.insert(1, KVQuantize(bits=bits, k_group=K_GROUP, v_group=V_GROUP, residual=RESIDUAL))
+        if config[0] == "kivi":
+            pipeline.passes.insert(1, KVQuantize(bits=config[1], k_group=K_GROUP, v_group=V_GROUP, residual=RESIDUAL))
+        elif config[0] == "evict":
+            pipeline.passes.insert(1, KVEvict(config[1], config[2]))
+        gm = self.lm.prefill.gm if graph == "prefill" else self.lm.decode.gm
         start = time.perf_counter()
         result = compile_graph(copy_graph_module(gm), CompileOptions.make("host", budget="ppl:+3%", pipeline=pipeline))
-        _log(f"compiled {'prefill' if bits is None and gm is self.lm.prefill.gm else f'decode (bits={bits})'} in {time.perf_counter() - start:.0f} s")
+        _log(f"compiled {graph} ({config_name(config)}) in {time.perf_counter() - start:.0f} s")
         return result
 
 
@@ -139,6 +160,16 @@ def memory_rows(models: Models | None, tokens: int) -> list[dict[str, Any]]:
             row["predicted_ratio_vs_fp16"] = stats.get("ratio_vs_fp16")
         rows.append(row)
         _log(f"memory {bits}-bit: {row['kv_bytes'] / 2**20:.1f} MiB, {row['ratio_vs_fp16']:.2f}x vs fp16 (peak {row['peak_ratio_vs_fp16']:.2f}x)")
+    from compiler.kv_cache import EvictingCache
+
+    for budget in (0.25, 0.5):
+        # every policy keeps the same number of entries at the model's precision (fp32)
+        cache = EvictingCache(layers, "streaming", budget)
+        cache.load(keys, values)
+        rows.append({
+            "method": "eviction (streaming, snapkv, h2o)", "bits": 32, "budget": budget, "tokens": tokens,
+            "kept_tokens": cache.keys[0].shape[2], "kv_bytes": cache.nbytes(), "ratio_vs_fp16": reference / cache.nbytes(),
+        })
     return rows
 
 
@@ -161,33 +192,41 @@ def _windows(models: Models, prompt: int, continuation: int, samples: int) -> li
     return [every[i * step] for i in range(samples)]
 
 
-def quality_rows(models: Models, prompt: int, continuation: int, samples: int) -> list[dict[str, Any]]:
+def quality_rows(models: Models, prompt: int, continuation: int, samples: int, eviction: bool) -> list[dict[str, Any]]:
     windows = _windows(models, prompt, continuation, samples)
     reference: list[torch.Tensor] = []
     rows = []
-    for bits in (None, *BITS):
+    configs: list[Config] = [FP, *(("kivi", b) for b in BITS), *(EVICTION if eviction else ())]
+    for config in configs:
         nll, agree, tokens = 0.0, 0, 0
         start = time.perf_counter()
+        kept = []
         for i, ids in enumerate(windows):
-            logits = models.session(bits).score(ids[:, :prompt], ids[:, prompt:])[0]
+            session = models.session(config)
+            logits = session.score(ids[:, :prompt], ids[:, prompt:])[0]
+            kept.append(session.cache.nbytes())
             target = ids[0, prompt:]
             nll += float(F.cross_entropy(logits.double(), target, reduction="sum"))
             tokens += target.numel()
-            if bits is None:
+            if config == FP:
                 reference.append(logits.argmax(-1))
             else:
                 agree += int((logits.argmax(-1) == reference[i]).sum())
         ppl = math.exp(nll / tokens)
-        if bits is None:
-            ppl_fp = ppl
+        cache_bytes = sum(kept) / len(kept)
+        if config == FP:
+            ppl_fp, fp_bytes = ppl, cache_bytes
             _log(f"quality fp: ppl {ppl:.3f} over {tokens} decoded tokens ({time.perf_counter() - start:.0f} s)")
             continue
         row = {
-            "method": "kivi", "bits": bits, "prompt": prompt, "continuation": continuation, "samples": samples,
+            "method": config[0] if config[0] == "kivi" else config[1], "config": config_name(config),
+            "bits": config[1] if config[0] == "kivi" else 32, "budget": config[2] if config[0] == "evict" else None,
+            "prompt": prompt, "continuation": continuation, "samples": samples,
             "ppl_fp": ppl_fp, "ppl": ppl, "ppl_increase": ppl / ppl_fp - 1, "top1_agreement": agree / tokens,
+            "cache_bytes_at_end": cache_bytes, "ratio_vs_fp32_cache": fp_bytes / cache_bytes,
         }
         rows.append(row)
-        _log(f"quality {bits}-bit: ppl {ppl_fp:.3f} -> {ppl:.3f} ({row['ppl_increase']:+.2%}), top-1 {row['top1_agreement']:.3f} ({time.perf_counter() - start:.0f} s)")
+        _log(f"quality {row['config']}: ppl {ppl_fp:.3f} -> {ppl:.3f} ({row['ppl_increase']:+.2%}), top-1 {row['top1_agreement']:.3f} ({time.perf_counter() - start:.0f} s)")
     return rows
 
 
@@ -300,7 +339,7 @@ def _goals(payload: dict[str, Any]) -> dict[str, Any]:
             need = 3.5 if row["bits"] == 4 else 6.0
             goals[f"memory_int{row['bits']}_ratio>={need}"] = {"value": round(row["ratio_vs_fp16"], 3), "met": row["ratio_vs_fp16"] >= need}
     for row in payload.get("quality") or []:
-        if row["bits"] == 4:
+        if row["method"] == "kivi" and row["bits"] == 4:
             goals["quality_int4_ppl_increase<=1%"] = {"value": round(row["ppl_increase"], 5), "met": row["ppl_increase"] <= 0.01}
             goals["quality_int4_top1>=98%"] = {"value": round(row["top1_agreement"], 4), "met": row["top1_agreement"] >= 0.98}
     for row in payload.get("decode") or []:
@@ -321,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--passkey-length", type=int, default=2048)
     parser.add_argument("--passkey-cases", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--no-eviction", action="store_true", help="quality of the KIVI caches only")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -334,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         if models is not None:
             payload["decode_step"] = decode_step_rows(models, args.decode_tokens, max(5, args.repeats // 3))
     if "quality" in args.only:
-        payload["quality"] = quality_rows(models, args.prompt, args.continuation, args.samples)
+        payload["quality"] = quality_rows(models, args.prompt, args.continuation, args.samples, not args.no_eviction)
     if "passkey" in args.only:
         payload["passkey"] = passkey_rows(models, args.passkey_length, args.passkey_cases)
     payload["goals"] = _goals(payload)

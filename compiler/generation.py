@@ -178,3 +178,34 @@ class Session:
             raise ValueError(f"a cached-LM graph returns logits plus {layers} keys and {layers} values (and {layers} scores); got {len(flat)} outputs")
         scores = list(flat[1 + 2 * layers :]) or None
         return flat[0], list(flat[1 : 1 + layers]), list(flat[1 + layers : 1 + 2 * layers]), scores
+
+
+@dataclass
+class CompiledLM:
+    """A `CachedLM` compiled: both graphs through one pipeline; `session()` starts a sequence."""
+
+    prefill: Any  # compiler.driver.CompileResult
+    decode: Any
+    layers: int
+
+    def session(self) -> Session:
+        from compiler.kv_cache import cache_for
+
+        return Session(self.prefill.executable, self.decode.executable, cache_for(self.decode.ir.meta.get("kv_cache"), self.layers))
+
+
+def compile_cached(lm: CachedLM, target: str = "host", budget: str = "lossless", passes: Sequence[Any] = (), **options: Any) -> CompiledLM:
+    """Compile both graphs of `lm` with the default pipeline plus `passes` (KV-cache passes such
+    as `KVQuantize(bits=4)` or `KVEvict("snapkv", 0.5)`, inserted after canonicalization).
+    `budget` must allow loss for lossy passes to run."""
+    from compiler.driver import CompileOptions, compile_graph
+    from compiler.ir import copy_graph_module
+    from compiler.passes import default_pipeline
+
+    def build(gm: Any) -> Any:
+        pipeline = default_pipeline()
+        for i, p in enumerate(passes):
+            pipeline.passes.insert(1 + i, p)
+        return compile_graph(copy_graph_module(gm), CompileOptions.make(target, budget, pipeline=pipeline, **options))
+
+    return CompiledLM(build(lm.prefill.gm), build(lm.decode.gm), lm.shape.layers)

@@ -94,10 +94,12 @@ def test_kivi_graph_reads_the_cache_kivi_holds(cached: CachedLM) -> None:
 
 
 def test_int8_cache_changes_logits_by_little(cached: CachedLM) -> None:
-    compiled = _compile(cached.decode.gm, KVQuantize(bits=8, k_group=4, v_group=8, residual=4))
+    from compiler.generation import compile_cached
+
+    compiled = compile_cached(cached, budget="ppl:+5%", passes=[KVQuantize(bits=8, k_group=4, v_group=8, residual=4)])
     ids = token_inputs(40, seed=7)["input_ids"]
     fp = Session(cached.prefill.gm, cached.decode.gm, FullCache(2)).score(ids[:, :24], ids[:, 24:])
-    q8 = Session(cached.prefill.gm, compiled.executable, cache_for(compiled.ir.meta["kv_cache"], 2)).score(ids[:, :24], ids[:, 24:])
+    q8 = compiled.session().score(ids[:, :24], ids[:, 24:])
     assert float((q8 - fp).abs().max()) < 0.02 * float(fp.abs().max())
     assert torch.equal(q8.argmax(-1), fp.argmax(-1))
 
