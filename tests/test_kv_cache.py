@@ -73,6 +73,12 @@ def test_kivi_graph_reads_the_cache_kivi_holds(cached: CachedLM) -> None:
     assert layout == {"kind": "kivi", "layers": 2, "bits": 4, "k_group": 4, "v_group": 8, "residual": 8}
     record = next(r for r in compiled.records if r.name == "kv_quantize")
     assert len(record.result.changes) == 2
+    stats = record.result.stats
+    # the plan records the memory: at 4096 tokens, 4-bit codes plus fp16 scale and min per 4
+    # tokens per channel (keys) and per 8 channels per token (values), against 16 bits
+    bits_per_element = 4 + (2 * 16 / 4 + 2 * 16 / 8) / 2
+    assert stats["ratio_vs_fp16"] == pytest.approx(16 / bits_per_element, rel=1e-3)
+    assert all(row["predicted_quantized_s"] > 0 and row["predicted_fp_s"] > 0 for row in stats["sites"])
     ops = [n.target for n in compiled.ir.graph.nodes]
     assert ops.count(kv_quant.quantized_kv_attention.overload) == 2
     ids = token_inputs(40, seed=6)["input_ids"]

@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from compiler.ir import propagate_meta
 from compiler.passes.canonicalize.causal_attention import NotCausal, causal_mask_terms, strip_broadcast, unrepeated_kv
 
 aten = torch.ops.aten
@@ -158,6 +159,23 @@ def find_attention(gm: fx.GraphModule) -> list[AttentionSite]:
         )
         for index, f in enumerate(found)
     ]
+
+
+def replace_site(gm: fx.GraphModule, site: AttentionSite, build: Any) -> fx.Node:
+    """Replace a site's output by what `build(graph)` inserts before it (a list of new nodes,
+    the last one the attention output in `output_like`'s layout): source info is copied, meta
+    propagated, every user rewired. A decomposed site's users may view its output as a
+    matmul's contiguous [B, H, S, D], so the new output is made contiguous there."""
+    graph = gm.graph
+    with graph.inserting_before(site.output):
+        added = list(build(graph))
+        if site.kind == "decomposed":
+            added.append(graph.call_function(aten.clone.default, (added[-1],), {"memory_format": torch.contiguous_format}))
+    for node in added:
+        node.meta.update({key: site.output.meta[key] for key in ("stack_trace", "nn_module_stack") if key in site.output.meta})
+    propagate_meta(gm, added)
+    site.output.replace_all_uses_with(added[-1])
+    return added[-1]
 
 
 def summary(sites: list[AttentionSite]) -> list[dict[str, Any]]:

@@ -31,13 +31,12 @@ import torch.fx as fx
 
 from compiler.cost_model.rules import TensorInfo
 from compiler.errors import UserInputError
-from compiler.ir import propagate_meta
+from compiler.analysis import replace_site
 from compiler.ops import causal_attention as CAUSAL_ATTENTION
 from compiler.ops import kv_quant
 from compiler.passes.base import Pass, PassResult
 from compiler.passes.kv_cache.sites import NOT_DECODE, CachedSite, decode_sites, site_scale
 
-aten = torch.ops.aten
 
 # Per layer, the inputs the pass appends, in this order (KIVICache.graph_inputs follows it).
 APPENDED = ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min")
@@ -150,23 +149,13 @@ def _quantized_infos(site: Any, n: int, bits: int, k_group: int, v_group: int) -
         TensorInfo((1, h, n, dv // per), torch.uint8),
         TensorInfo((1, h, n, dv // v_group), fp16),
         TensorInfo((1, h, n, dv // v_group), fp16),
-        TensorInfo((1, h, n - n, d), torch.float32),
-        TensorInfo((1, h, n - n + 1, dv), torch.float32),
+        TensorInfo((1, h, 1, d), torch.float32),  # the residual: the new token only
+        TensorInfo((1, h, 1, dv), torch.float32),
     ]
 
 
 def _rewrite(gm: fx.GraphModule, found: CachedSite, inputs: list[fx.Node], bits: int, k_group: int) -> fx.Node:
     site = found.site
     scale = site_scale(site)
-    graph = gm.graph
-    with graph.inserting_before(site.output):
-        new = graph.call_function(kv_quant.quantized_kv_attention.overload, (site.q, *inputs, found.k_cat, found.v_cat, scale, bits, k_group))
-        added = [new]
-        if site.kind == "decomposed":
-            new = graph.call_function(aten.clone.default, (new,), {"memory_format": torch.contiguous_format})
-            added.append(new)
-    for node in added:
-        node.meta.update({key: site.output.meta[key] for key in ("stack_trace", "nn_module_stack") if key in site.output.meta})
-    propagate_meta(gm, added)
-    site.output.replace_all_uses_with(new)
-    return new
+    args = (site.q, *inputs, found.k_cat, found.v_cat, scale, bits, k_group)
+    return replace_site(gm, site, lambda graph: [graph.call_function(kv_quant.quantized_kv_attention.overload, args)])

@@ -52,12 +52,12 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from compiler.analysis import find_attention
+from compiler.analysis import find_attention, replace_site
 from compiler.cache import Store
 from compiler.cost_model.rules import TensorInfo
 from compiler.cost_model.symbolic import L, crossover
 from compiler.errors import UserInputError
-from compiler.ir import at_hints, propagate_meta
+from compiler.ir import at_hints
 from compiler.ops import block_sparse_attention as BLOCK_SPARSE_ATTENTION
 from compiler.ops import causal_attention as CAUSAL_ATTENTION
 from compiler.ops import sparse_attention_layout as SPARSE_LAYOUT
@@ -65,7 +65,6 @@ from compiler.ops.sparse_layout import PATTERN_KINDS, HeadPattern, Spec
 from compiler.passes.base import Pass, PassResult
 from compiler.passes.sparse import calibrate
 
-aten = torch.ops.aten
 
 METHODS = ("calibrated", "duo", "streaming", "vertical_slash", "block_topk")
 # Bumped when calibration computes something different, so stored results are not reused.
@@ -240,25 +239,16 @@ def _scale(site: Any) -> float:
 
 
 def _rewrite(gm: fx.GraphModule, site: Any, spec: Spec, density: float) -> fx.Node:
-    graph = gm.graph
-    with graph.inserting_before(site.output):
+    def build(graph: fx.Graph) -> list[fx.Node]:
         layout = graph.call_function(SPARSE_LAYOUT.overload, (site.q, site.k, spec.to_json()))
         blocks = graph.call_function(operator.getitem, (layout, 0))
         counts = graph.call_function(operator.getitem, (layout, 1))
         args = (site.q, site.k, site.v, blocks, counts, _scale(site), spec.block_size, density)
         if site.key_padding_mask is not None:
             args += (site.key_padding_mask,)
-        new = graph.call_function(BLOCK_SPARSE_ATTENTION.overload, args)
-        added = [layout, blocks, counts, new]
-        if site.kind == "decomposed":
-            # a matmul's output is contiguous [B, H, S, D]; users may view it that way
-            new = graph.call_function(aten.clone.default, (new,), {"memory_format": torch.contiguous_format})
-            added.append(new)
-    for node in added:
-        node.meta.update({key: site.output.meta[key] for key in ("stack_trace", "nn_module_stack") if key in site.output.meta})
-    propagate_meta(gm, added)
-    site.output.replace_all_uses_with(new)
-    return new
+        return [layout, blocks, counts, graph.call_function(BLOCK_SPARSE_ATTENTION.overload, args)]
+
+    return replace_site(gm, site, build)
 
 
 def _crossover(cost_model: Any, site: Any, density: float, block_size: int) -> tuple[int | None, Any, Any]:
