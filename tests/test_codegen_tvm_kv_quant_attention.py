@@ -158,7 +158,13 @@ def _check(kernel, reference, args):
         ("int2_mha_d128", 192, 2),
     ],
 )
-def test_matches_reference(kernels, reference_outside_the_runner, name, nq, nr):
+@pytest.mark.parametrize("pool", [False, True], ids=["calling_thread", "thread_pool"])
+def test_matches_reference(monkeypatch, kernels, reference_outside_the_runner, name, nq, nr, pool):
+    # the runner takes the thread-pool build from a cache length on; 0 forces it, a huge one the
+    # calling-thread build
+    import compiler.codegen.tvm.kv_quant_attention as lowering
+
+    monkeypatch.setattr(lowering, "_PARALLEL_FROM", 0 if pool else 1 << 30)
     args = _cache(BUILDS[name], 2, nq, nr, seed=nq + nr)
     _check(kernels(name), reference_outside_the_runner, args)
 

@@ -41,6 +41,9 @@ def test_teacher_forced_decode_equals_the_forward(llama: torch.nn.Module, cached
     with torch.no_grad():
         expected = llama(ids).logits[:, 29:39]
     prefill, decode = _compile(cached.prefill.gm), _compile(cached.decode.gm)
+    # the decode step's mask (keys 0..T, the query at T) is proven causal, aligned to the end
+    canonical = next(r for r in decode.records if r.name == "canonicalize_causal_attention")
+    assert len(canonical.result.changes) == 2 and all("after a cache" in c for c in canonical.result.changes)
     for run_prefill, run_decode in ((cached.prefill.gm, cached.decode.gm), (prefill.executable, decode.executable)):
         got = Session(run_prefill, run_decode, FullCache(2)).score(ids[:, :30], ids[:, 30:])
         # one forward vs 10 steps: the same math in another order (fp32, logits ~1)

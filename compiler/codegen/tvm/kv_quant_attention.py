@@ -220,8 +220,10 @@ def lower_quantized_kv_attention(req: LoweringRequest) -> Kernel:
     if not req.run_here:
         return Kernel(shape.name, "tvm", source, note=f"{note}; not built: the caller asked for source only")
     built = build_primfunc(func, req.target.tvm_target, shape.name)
+    serial = build_primfunc(_decode_primfunc(shape, lanes, parallel=False), req.target.tvm_target, f"{shape.name}_serial")
     key_codes, value_codes, _, _ = _row_layouts(shape, lanes)
-    runner = _host_runner(shape, built, key_codes.words, value_codes.words)
+    runner = _host_runner(shape, built, serial, key_codes.words, value_codes.words)
+    note += f"; on the calling thread below {_PARALLEL_FROM} cached tokens"
     return Kernel(shape.name, "tvm", source, runner=runner, note=f"{note}; shared library: {built.library}")
 
 
@@ -429,11 +431,13 @@ def _values_macro(shape: _Shape, rows: _Rows, tile: _Tile, packed: bool) -> Any:
     return values
 
 
-def _decode_primfunc(shape: _Shape, lanes: int) -> Any:
+def _decode_primfunc(shape: _Shape, lanes: int, parallel: bool = True) -> Any:
     """The PrimFunc (q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, out,
-    scale), q and out with one query; see the module docstring."""
+    scale), q and out with one query; see the module docstring. `parallel=False` runs the work
+    items on the calling thread."""
     from tvm.script import tirx as T
 
+    items_loop = T.parallel if parallel else T.serial
     HQ, HKV, D, DV, G = shape.q_heads, shape.kv_heads, shape.head_dim, shape.value_dim, shape.group
     GK, NVG, L = shape.key_group, shape.value_groups, lanes
     key_codes, value_codes, key_res, value_res = _row_layouts(shape, lanes)
@@ -479,7 +483,7 @@ def _decode_primfunc(shape: _Shape, lanes: int) -> Any:
         part_max = T.alloc_buffer((nb * HQ * ((ng + GPC - 1) // GPC + (nr + RC - 1) // RC),), "float32")
         part_sum = T.alloc_buffer((nb * HQ * ((ng + GPC - 1) // GPC + (nr + RC - 1) // RC),), "float32")
         part_out = T.alloc_buffer((nb * HQ * ((ng + GPC - 1) // GPC + (nr + RC - 1) // RC), DV), "float32")
-        for item in T.parallel(nb * HKV * chunks):
+        for item in items_loop(nb * HKV * chunks):
             b: T.let = item // (HKV * chunks)
             h: T.let = item // chunks % HKV
             c: T.let = item % chunks
@@ -590,7 +594,15 @@ def _decode_primfunc(shape: _Shape, lanes: int) -> Any:
 # Running it ------------------------------------------------------------------------------------
 
 
-def _host_runner(shape: _Shape, kernel: BuiltFunction, key_words: bool, value_words: bool) -> Callable[..., torch.Tensor]:
+# Cached tokens from which the work items go to TVM's thread pool. Below, the calling thread runs
+# them: a decode step's attention sits between ATen matmuls whose OpenMP workers spin after each
+# op, and TVM's pool then waits for cores it does not get (SmolLM2, 4096 tokens, 2-core host:
+# 0.22-0.28x SDPA interleaved with it on the pool, against 0.6x SDPA's time alone; see
+# docs/DESIGN.md, "Two thread pools on one CPU").
+_PARALLEL_FROM = 16384
+
+
+def _host_runner(shape: _Shape, kernel: BuiltFunction, serial: BuiltFunction, key_words: bool, value_words: bool) -> Callable[..., torch.Tensor]:
     """The runner; codes read as words go to the kernel as int32 views of their bytes."""
     words = (False, key_words, False, False, value_words, False, False, False, False)
 
@@ -606,7 +618,8 @@ def _host_runner(shape: _Shape, kernel: BuiltFunction, key_words: bool, value_wo
         out = output_like(q, v_res)
         inputs = [as_kernel_input(t) for t in tensors]  # (an empty part of the cache included)
         inputs = [t.view(torch.int32) if word else t for t, word in zip(inputs, words)]
-        kernel(*inputs, out.transpose(1, 2), float(scale))
+        run = kernel if k_codes.shape[2] + k_res.shape[2] >= _PARALLEL_FROM else serial
+        run(*inputs, out.transpose(1, 2), float(scale))
         return out
 
     return run
