@@ -110,8 +110,8 @@ class KIVICache(KVCache):
         self._check(keys, values)
         n = keys[0].shape[2]
         cut = n // self.residual * self.residual
-        self.k_q = [kv_quant.quantize_keys(k[:, :, :cut], self.bits, self.k_group) for k in keys]
-        self.v_q = [kv_quant.quantize_values(v[:, :, :cut], self.bits, min(self.v_group, v.shape[-1])) for v in values]
+        self.k_q = [self._keys(k[:, :, :cut]) for k in keys]
+        self.v_q = [self._values(v[:, :, :cut]) for v in values]
         self.k_res = [k[:, :, cut:].contiguous() for k in keys]
         self.v_res = [v[:, :, cut:].contiguous() for v in values]
         self.length = n
@@ -127,12 +127,17 @@ class KIVICache(KVCache):
     def _flush(self) -> None:
         cut = self.k_res[0].shape[2] // self.residual * self.residual
         for i in range(self.layers):
-            k_new = kv_quant.quantize_keys(self.k_res[i][:, :, :cut], self.bits, self.k_group)
-            v_new = kv_quant.quantize_values(self.v_res[i][:, :, :cut], self.bits, min(self.v_group, self.v_res[i].shape[-1]))
-            self.k_q[i] = _concat(self.k_q[i], k_new)
-            self.v_q[i] = _concat(self.v_q[i], v_new)
+            self.k_q[i] = _concat(self.k_q[i], self._keys(self.k_res[i][:, :, :cut]))
+            self.v_q[i] = _concat(self.v_q[i], self._values(self.v_res[i][:, :, :cut]))
             self.k_res[i] = self.k_res[i][:, :, cut:].contiguous()
             self.v_res[i] = self.v_res[i][:, :, cut:].contiguous()
+
+    def _keys(self, k: torch.Tensor) -> kv_quant.Quantized:
+        return kv_quant.quantize_keys(k, self.bits, self.k_group)
+
+    def _values(self, v: torch.Tensor) -> kv_quant.Quantized:
+        # a group wider than the head is the whole head, as the kv_quantize pass records it
+        return kv_quant.quantize_values(v, self.bits, min(self.v_group, v.shape[-1]))
 
     def graph_inputs(self) -> list[torch.Tensor]:
         extra = []

@@ -76,21 +76,20 @@ class EvictingCache(KVCache):
         """Sorted positions [B, H, capacity] to keep of a prompt of n > capacity tokens."""
         cap = self.capacity
         if self.policy == "streaming":
-            sink = min(self.sink, cap)
-            keep = torch.cat([torch.arange(sink), torch.arange(n - (cap - sink), n)])
-            return keep.expand(b, h, cap)
+            return self._sinks_and_recent(n).expand(b, h, cap)
         assert scores is not None
-        if self.policy == "snapkv":
-            window = min(self.window, cap)
-            votes = scores[..., : n - window].float()
-            if self.pool > 1 and votes.shape[-1]:
-                votes = F.avg_pool1d(votes.reshape(b * h, 1, -1), self.pool, stride=1, padding=self.pool // 2, count_include_pad=False).view(b, h, -1)
-            chosen = votes.topk(cap - window, -1).indices
-            tail = torch.arange(n - window, n).expand(b, h, window)
-            return torch.cat([chosen, tail], -1).sort(-1).values
-        recent = self._recent(cap)
-        heavy = scores[..., : n - recent].float().topk(cap - recent, -1).indices
-        return torch.cat([heavy, torch.arange(n - recent, n).expand(b, h, recent)], -1).sort(-1).values
+        tail = min(self.window, cap) if self.policy == "snapkv" else self._recent(cap)
+        votes = scores[..., : n - tail].float()
+        if self.policy == "snapkv" and self.pool > 1 and votes.shape[-1]:
+            votes = F.avg_pool1d(votes.reshape(b * h, 1, -1), self.pool, stride=1, padding=self.pool // 2, count_include_pad=False).view(b, h, -1)
+        # the best-scored positions before the tail (SnapKV's window, H2O's recent tokens), then the tail
+        chosen = votes.topk(cap - tail, -1).indices
+        return torch.cat([chosen, torch.arange(n - tail, n).expand(b, h, tail)], -1).sort(-1).values
+
+    def _sinks_and_recent(self, n: int) -> torch.Tensor:
+        """StreamingLLM's slots of n: the first `sink` and the most recent, `capacity` in all."""
+        sink = min(self.sink, self.capacity)
+        return torch.cat([torch.arange(sink), torch.arange(n - (self.capacity - sink), n)])
 
     def _recent(self, cap: int) -> int:
         return min(cap, max(1, round(self.recent * cap)))
@@ -119,8 +118,7 @@ class EvictingCache(KVCache):
             if self.policy == "snapkv" or n <= self.capacity:
                 keep = None
             elif self.policy == "streaming":
-                sink = min(self.sink, self.capacity)
-                keep = torch.cat([torch.arange(sink), torch.arange(n - (self.capacity - sink), n)]).expand(b, h, -1)
+                keep = self._sinks_and_recent(n).expand(b, h, -1)
             else:  # h2o: drop the lightest entry outside the recent window
                 assert acc is not None
                 recent = self._recent(self.capacity)
