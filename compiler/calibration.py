@@ -14,7 +14,10 @@ attention calibrates on them which heads long-range retrieval needs, as DuoAtten
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
+
+import torch
+import torch.fx as fx
 
 from compiler.errors import UserInputError
 
@@ -64,3 +67,28 @@ class Calibration:
         if self._flatten is None:
             return [list(x) if isinstance(x, (list, tuple)) else [x] for x in made]
         return [self._flatten(x) for x in made]
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph and reports the values of chosen nodes as they are computed."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: Collection[fx.Node], report: Callable[[fx.Node, Any], None]) -> None:
+        super().__init__(gm)
+        self.wanted = wanted
+        self.report = report
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n in self.wanted:
+            self.report(n, value)
+        return value
+
+
+def record(gm: fx.GraphModule, nodes: Collection[fx.Node], batches: Sequence[Sequence[Any]], report: Callable[[int, fx.Node, Any], None]) -> None:
+    """Run the graph on each batch (flat inputs), without grad, calling `report(batch, node,
+    value)` as each of `nodes` is computed: calibration sees every activation it needs while
+    only the interpreter's live values are held, not every node's of the model."""
+    wanted = set(nodes)
+    for b, inputs in enumerate(batches):
+        with torch.no_grad():
+            _Recorder(gm, wanted, lambda node, value, b=b: report(b, node, value)).run(*inputs)

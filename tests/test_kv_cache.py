@@ -73,7 +73,7 @@ def test_kivi_graph_reads_the_cache_kivi_holds(cached: CachedLM) -> None:
     fp keys and values the KIVI cache stands for (dequantized codes, then the residual)."""
     compiled = _compile(cached.decode.gm, KVQuantize(bits=4, k_group=4, v_group=8, residual=8))
     layout = compiled.ir.meta["kv_cache"]
-    assert layout == {"kind": "kivi", "layers": 2, "bits": 4, "k_group": 4, "v_group": 8, "residual": 8}
+    assert layout == {"kind": "kivi", "layers": 2, "bits": 4, "k_group": 4, "v_group": 8, "residual": 8, "sink": 0, "recent": 0}
     record = next(r for r in compiled.records if r.name == "kv_quantize")
     assert len(record.result.changes) == 2
     stats = record.result.stats
@@ -100,6 +100,53 @@ def test_kivi_graph_reads_the_cache_kivi_holds(cached: CachedLM) -> None:
         assert cache.quantized_tokens() % 8 == 0 and cache.k_res[0].shape[2] < 8
         assert cache.quantized_tokens() + cache.k_res[0].shape[2] == 22 + i
     assert logits.shape == (1, 128)
+
+
+def test_kivi_sinks_stay_exact_and_the_graph_reads_them(cached: CachedLM) -> None:
+    """With sink=2 the first two positions never quantize: they head the residual, the
+    quantized blocks start after them, and the logits equal the plain graph's on the cache's
+    fp equivalent at every step (a decode query sees every key, in any order)."""
+    compiled = _compile(cached.decode.gm, KVQuantize(bits=2, k_group=4, v_group=8, residual=8, sink=2, recent=3))
+    layout = compiled.ir.meta["kv_cache"]
+    assert (layout["sink"], layout["recent"]) == (2, 3)
+    ids = token_inputs(40, seed=8)["input_ids"]
+    session = Session(cached.prefill.gm, compiled.executable, cache_for(layout, 2))
+    session.prefill(ids[:, :21])
+    cache = session.cache
+    prompt_keys = [k for k in session.cache.k_res]
+    for i in range(12):
+        keys = [torch.cat([kv_quant.dequantize_keys(q, 2), r], 2) for q, r in zip(cache.k_q, cache.k_res)]
+        values = [torch.cat([kv_quant.dequantize_values(q, 2), r], 2) for q, r in zip(cache.v_q, cache.v_res)]
+        token = ids[:, 21 + i]
+        expected = cached.decode.gm(token[:, None], torch.tensor([[21 + i]]), *keys, *values)[0][:, -1]
+        torch.testing.assert_close(session.step(token), expected, atol=2e-5, rtol=1e-4)
+        waiting = cache.k_res[0].shape[2] - 2
+        assert cache.sinks == 2 and 3 <= waiting < 8 + 3 and cache.quantized_tokens() % 8 == 0
+        assert cache.quantized_tokens() + cache.k_res[0].shape[2] == 22 + i
+        assert all(torch.equal(r[:, :, :2], k[:, :, :2]) for r, k in zip(cache.k_res, prompt_keys))  # the sinks, exact
+
+
+def test_kivi_sinks_fill_from_a_short_prompt() -> None:
+    cache = KIVICache(1, bits=4, k_group=2, v_group=4, residual=4, sink=3)
+    k = torch.randn(1, 1, 2, 8)
+    cache.load([k], [k])
+    assert cache.sinks == 2 and cache.quantized_tokens() == 0
+    for _ in range(6):
+        step = torch.randn(1, 1, 1, 8)
+        cache.append([step], [step])
+    # 8 tokens: 3 sinks, then one block of 4 quantized, then 1 waiting
+    assert cache.sinks == 3 and cache.quantized_tokens() == 4 and cache.k_res[0].shape[2] == 4
+    assert torch.equal(cache.k_res[0][:, :, :2], k)
+
+
+def test_pass_predicts_the_bytes_the_cache_holds(cached: CachedLM) -> None:
+    for options in ({}, {"sink": 4}, {"sink": 4, "recent": 16}):
+        kv = KVQuantize(bits=4, k_group=32, v_group=8, residual=64, report_length=1000, **options)
+        record = next(r for r in _compile(cached.decode.gm, kv).records if r.name == "kv_quantize")
+        cache = KIVICache(2, 4, 32, 8, 64, **options)
+        keys = [torch.randn(1, 2, 1000, 16) for _ in range(2)]
+        cache.load(keys, keys)
+        assert record.result.stats["cache_bytes"] == cache.nbytes()
 
 
 def test_int8_cache_changes_logits_by_little(cached: CachedLM) -> None:

@@ -83,9 +83,15 @@ class FullCache(KVCache):
 class KIVICache(KVCache):
     """KIVI: keys quantized per channel in groups of `k_group` tokens, values per token in groups
     of `v_group` channels, `bits` per element, fp16 scales and minimums (`compiler.ops.kv_quant`);
-    the most recent tokens stay at full precision in a residual that holds fewer than `residual`
-    of them: when it fills, its `residual` tokens are quantized at once (a multiple of
-    `k_group`, so keys always quantize in whole groups) and it empties, as in the paper.
+    the most recent tokens stay at full precision in a residual: when `residual + recent` of them
+    are waiting, the oldest `residual` are quantized at once (a multiple of `k_group`, so keys
+    always quantize in whole groups), so the residual holds between `recent` and
+    `residual + recent - 1` tokens. `recent=0` is the paper's cycle (the residual empties).
+
+    `sink` first positions of the sequence never quantize (IntactKV/StreamingLLM's observation:
+    the attention sinks take much of every query's mass, so their error reaches every step);
+    they sit at the head of the residual. A decode step has one query, which sees every cached
+    key, so where a key sits among the inputs does not matter, and the kernels are unchanged.
 
     Decode graph inputs (the `kv_quantize` pass's layout): the residual keys of every layer,
     the residual values of every layer (where the unrewritten graph takes the full past), then
@@ -94,13 +100,17 @@ class KIVICache(KVCache):
 
     kind = "kivi"
 
-    def __init__(self, layers: int, bits: int = 4, k_group: int = 128, v_group: int = 64, residual: int = 128) -> None:
+    def __init__(self, layers: int, bits: int = 4, k_group: int = 128, v_group: int = 64, residual: int = 128, sink: int = 0, recent: int = 0) -> None:
         super().__init__(layers)
         if bits not in kv_quant.BITS:
             raise UserInputError(f"KIVI cache: bits must be one of {kv_quant.BITS}, got {bits}")
         if k_group < 1 or residual < k_group or residual % k_group:
             raise UserInputError(f"KIVI cache: the residual ({residual} tokens) must be a positive multiple of the key group ({k_group}) so keys quantize in whole groups")
+        if sink < 0 or recent < 0:
+            raise UserInputError(f"KIVI cache: sink ({sink}) and recent ({recent}) count tokens kept at full precision; they cannot be negative")
         self.bits, self.k_group, self.v_group, self.residual = bits, k_group, v_group, residual
+        self.sink, self.recent = sink, recent
+        self.sinks = 0  # sink tokens held, at the head of the residual
         self.k_res: list[torch.Tensor] = []
         self.v_res: list[torch.Tensor] = []
         self.k_q: list[kv_quant.Quantized] = []
@@ -109,11 +119,13 @@ class KIVICache(KVCache):
     def load(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], scores: Sequence[torch.Tensor] | None = None) -> None:
         self._check(keys, values)
         n = keys[0].shape[2]
-        cut = n // self.residual * self.residual
-        self.k_q = [self._keys(k[:, :, :cut]) for k in keys]
-        self.v_q = [self._values(v[:, :, :cut]) for v in values]
-        self.k_res = [k[:, :, cut:].contiguous() for k in keys]
-        self.v_res = [v[:, :, cut:].contiguous() for v in values]
+        self.sinks = min(self.sink, n)
+        cut = self.to_quantize(n - self.sinks)
+        s, e = self.sinks, self.sinks + cut
+        self.k_q = [self._keys(k[:, :, s:e]) for k in keys]
+        self.v_q = [self._values(v[:, :, s:e]) for v in values]
+        self.k_res = [torch.cat([k[:, :, :s], k[:, :, e:]], 2) for k in keys]
+        self.v_res = [torch.cat([v[:, :, :s], v[:, :, e:]], 2) for v in values]
         self.length = n
 
     def append(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], scores: Sequence[torch.Tensor] | None = None) -> None:
@@ -121,16 +133,21 @@ class KIVICache(KVCache):
         self.k_res = [torch.cat([a, b], 2) for a, b in zip(self.k_res, keys)]
         self.v_res = [torch.cat([a, b], 2) for a, b in zip(self.v_res, values)]
         self.length += keys[0].shape[2]
-        if self.k_res[0].shape[2] >= self.residual:
-            self._flush()
+        if self.sinks < self.sink and self.quantized_tokens() == 0:  # a prompt shorter than the sinks
+            self.sinks = min(self.sink, self.k_res[0].shape[2])
+        cut = self.to_quantize(self.k_res[0].shape[2] - self.sinks)
+        if cut:
+            s, e = self.sinks, self.sinks + cut
+            for i in range(self.layers):
+                self.k_q[i] = _concat(self.k_q[i], self._keys(self.k_res[i][:, :, s:e]))
+                self.v_q[i] = _concat(self.v_q[i], self._values(self.v_res[i][:, :, s:e]))
+                self.k_res[i] = torch.cat([self.k_res[i][:, :, :s], self.k_res[i][:, :, e:]], 2)
+                self.v_res[i] = torch.cat([self.v_res[i][:, :, :s], self.v_res[i][:, :, e:]], 2)
 
-    def _flush(self) -> None:
-        cut = self.k_res[0].shape[2] // self.residual * self.residual
-        for i in range(self.layers):
-            self.k_q[i] = _concat(self.k_q[i], self._keys(self.k_res[i][:, :, :cut]))
-            self.v_q[i] = _concat(self.v_q[i], self._values(self.v_res[i][:, :, :cut]))
-            self.k_res[i] = self.k_res[i][:, :, cut:].contiguous()
-            self.v_res[i] = self.v_res[i][:, :, cut:].contiguous()
+    def to_quantize(self, waiting: int) -> int:
+        """How many of the `waiting` non-sink residual tokens to quantize now: whole blocks of
+        `residual`, keeping at least `recent` at full precision."""
+        return max(0, waiting - self.recent) // self.residual * self.residual
 
     def _keys(self, k: torch.Tensor) -> kv_quant.Quantized:
         return kv_quant.quantize_keys(k, self.bits, self.k_group)
@@ -162,7 +179,7 @@ def cache_for(layout: dict[str, Any] | None, layers: int) -> KVCache:
     if not layout or layout.get("kind", "full") == "full":
         return FullCache(layers)
     if layout["kind"] == "kivi":
-        return KIVICache(layers, layout["bits"], layout["k_group"], layout["v_group"], layout["residual"])
+        return KIVICache(layers, layout["bits"], layout["k_group"], layout["v_group"], layout["residual"], layout.get("sink", 0), layout.get("recent", 0))
     if layout["kind"] == "evict":
         from compiler.kv_cache.eviction import EvictingCache
 

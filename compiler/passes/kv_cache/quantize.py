@@ -46,18 +46,21 @@ class KVQuantize(Pass):
     name = "kv_quantize"
     lossy = True
 
-    def __init__(self, bits: int = 4, k_group: int = 128, v_group: int = 64, residual: int = 128, report_length: int = 4096) -> None:
+    def __init__(self, bits: int = 4, k_group: int = 128, v_group: int = 64, residual: int = 128, sink: int = 0, recent: int = 0, report_length: int = 4096) -> None:
         if bits not in kv_quant.BITS:
             raise UserInputError(f"kv_quantize: bits must be one of {kv_quant.BITS}, got {bits}")
         if k_group < 1 or residual < k_group or residual % k_group:
             raise UserInputError(f"kv_quantize: residual ({residual}) must be a positive multiple of k_group ({k_group}) so keys quantize in whole groups")
         if v_group < 1:
             raise UserInputError(f"kv_quantize: v_group must be positive, got {v_group}")
+        if sink < 0 or recent < 0:
+            raise UserInputError(f"kv_quantize: sink ({sink}) and recent ({recent}) count full-precision tokens; they cannot be negative")
         self.bits, self.k_group, self.v_group, self.residual = bits, k_group, v_group, residual
+        self.sink, self.recent = sink, recent
         self.report_length = report_length
 
     def config(self) -> dict[str, Any]:
-        return {"bits": self.bits, "k_group": self.k_group, "v_group": self.v_group, "residual": self.residual}
+        return {"bits": self.bits, "k_group": self.k_group, "v_group": self.v_group, "residual": self.residual, "sink": self.sink, "recent": self.recent}
 
     def run(self, gm: fx.GraphModule, ctx: Any) -> PassResult:
         result = PassResult()
@@ -128,12 +131,19 @@ class KVQuantize(Pass):
         return {"predicted_fp_s": float(dense), "predicted_quantized_s": float(quantized), "predicted_speedup": round(float(dense / quantized), 3)}
 
     def _bytes(self, sites: list[Any], v_group: int) -> tuple[int, int]:
-        n = self.report_length // self.residual * self.residual
+        """The cache's bytes at `report_length` tokens, as `KIVICache` holds them then: the
+        quantized blocks, plus the sinks and the residual at the model's precision."""
+        from compiler.kv_cache import KIVICache
+
+        kept = KIVICache(1, self.bits, self.k_group, self.v_group, self.residual, self.sink, self.recent)
+        sinks = min(self.sink, self.report_length)
+        n = kept.to_quantize(self.report_length - sinks)
         total = fp16 = 0
         for found in sites:
             s = found.site
             infos = _quantized_infos(s, n, self.bits, self.k_group, v_group)
-            total += sum(int(t.nbytes) for t in infos[:6])
+            itemsize = found.past_k.meta["val"].dtype.itemsize
+            total += sum(int(t.nbytes) for t in infos[:6]) + (self.report_length - n) * s.kv_heads * (s.head_dim + s.value_dim) * itemsize
             fp16 += 2 * s.kv_heads * self.report_length * (s.head_dim + s.value_dim)
         return total, fp16
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from compiler.calibration import record
 from compiler.ops.block_sparse_attention import num_blocks
 from compiler.ops.sparse_layout import HeadPattern, Spec, block_masks
 
@@ -49,40 +50,23 @@ def candidates(method: str, gammas: Sequence[float] = (0.8, 0.9, 0.95, 0.98), wi
     ]
 
 
-class _Recorder(fx.Interpreter):
-    """Runs the graph and reports the values of chosen nodes as they are computed."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: dict[fx.Node, tuple[int, str]], report: Callable[[int, str, torch.Tensor], None]) -> None:
-        super().__init__(gm)
-        self.wanted = wanted
-        self.report = report
-
-    def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        if n in self.wanted:
-            site, role = self.wanted[n]
-            self.report(site, role, value)
-        return value
-
-
 def collect_qk(gm: fx.GraphModule, sites: Sequence[Any], batches: Sequence[Sequence[Any]], on_site: Callable[[int, int, torch.Tensor, torch.Tensor], None]) -> None:
     """For each batch (flat graph inputs) and site: `on_site(batch, site, q, k)`."""
     wanted: dict[fx.Node, tuple[int, str]] = {}
     for i, site in enumerate(sites):
         wanted[site.q] = (i, "q")
         wanted[site.k] = (i, "k")  # a node can be both only for self-attention on one tensor
-    for b, inputs in enumerate(batches):
-        pending: dict[int, dict[str, torch.Tensor]] = {}
+    pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
-        def report(site: int, role: str, value: torch.Tensor, b: int = b) -> None:
-            got = pending.setdefault(site, {})
-            got[role] = value.detach()
-            if len(got) == 2:
-                on_site(b, site, got["q"], got["k"])
-                del pending[site]
+    def report(b: int, node: fx.Node, value: torch.Tensor) -> None:
+        site, role = wanted[node]
+        got = pending.setdefault((b, site), {})
+        got[role] = value.detach()
+        if len(got) == 2:
+            on_site(b, site, got["q"], got["k"])
+            del pending[(b, site)]
 
-        with torch.no_grad():
-            _Recorder(gm, wanted, report).run(*inputs)
+    record(gm, wanted, batches, report)
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, chunk: int = 512) -> torch.Tensor:
