@@ -53,20 +53,22 @@ HEADS_Q, HEADS_KV, HEAD_DIM = 9, 3, 64
 # KIVI's defaults here (the pass's): keys per channel over 128 tokens, values per token over
 # the whole 64-channel head, a residual of up to 128 recent tokens at full precision.
 K_GROUP, V_GROUP, RESIDUAL = 128, 64, 128
+# The attention-sink variant: the first SINK positions never quantize (`KIVICache(sink=)`).
+SINK = 4
 
 
 def _log(msg: str) -> None:
     print(f"[kv_cache] {msg}", file=sys.stderr, flush=True)
 
 
-Config = tuple  # ("fp",) | ("kivi", bits) | ("evict", policy, budget)
+Config = tuple  # ("fp",) | ("kivi", bits) | ("kivi", bits, sink) | ("evict", policy, budget)
 FP: Config = ("fp",)
 EVICTION = tuple(("evict", policy, budget) for policy in ("streaming", "snapkv", "h2o") for budget in (0.25, 0.5))
 
 
 def config_name(config: Config) -> str:
     if config[0] == "kivi":
-        return f"kivi-int{config[1]}"
+        return f"kivi-int{config[1]}" + (f"+sink{config[2]}" if len(config) > 2 and config[2] else "")
     if config[0] == "evict":
         return f"{config[1]}-{int(config[2] * 100)}%"
     return "fp"
@@ -115,7 +117,8 @@ class Models:
 
         pipeline = default_pipeline()
         if config[0] == "kivi":
-            pipeline.passes.insert(1, KVQuantize(bits=config[1], k_group=K_GROUP, v_group=V_GROUP, residual=RESIDUAL))
+            sink = config[2] if len(config) > 2 else 0
+            pipeline.passes.insert(1, KVQuantize(bits=config[1], k_group=K_GROUP, v_group=V_GROUP, residual=RESIDUAL, sink=sink))
         elif config[0] == "evict":
             pipeline.passes.insert(1, KVEvict(config[1], config[2]))
         gm = self.lm.prefill.gm if graph == "prefill" else self.lm.decode.gm
@@ -141,25 +144,33 @@ def memory_rows(models: Models | None, tokens: int) -> list[dict[str, Any]]:
     full.load(keys, values)
     rows.append({"method": "fp32", "bits": 32, "tokens": tokens, "kv_bytes": full.nbytes(), "ratio_vs_fp16": reference / full.nbytes()})
     rows.append({"method": "fp16", "bits": 16, "tokens": tokens, "kv_bytes": reference, "ratio_vs_fp16": 1.0})
-    for bits in BITS:
-        cache = KIVICache(layers, bits, K_GROUP, V_GROUP, RESIDUAL)
+    for bits, sink in [*((b, 0) for b in BITS), *((b, SINK) for b in (4, 2))]:
+        cache = KIVICache(layers, bits, K_GROUP, V_GROUP, RESIDUAL, sink)
         cache.load(keys, values)
-        # the residual holds (tokens mod R) tokens: the most, R - 1, one token short of 4096
-        peak = KIVICache(layers, bits, K_GROUP, V_GROUP, RESIDUAL)
-        peak.load([k[:, :, : tokens - 1] for k in keys], [v[:, :, : tokens - 1] for v in values])
-        peak_reference = fp16_bytes(layers, 1, heads, tokens - 1, dim, dim)
+        # the residual holds the sinks and (tokens - sinks) mod R tokens; the worst case of the
+        # cycle is R - 1 of them
+        worst = sink + (tokens - sink - RESIDUAL) // RESIDUAL * RESIDUAL + RESIDUAL - 1
+        peak = KIVICache(layers, bits, K_GROUP, V_GROUP, RESIDUAL, sink)
+        peak.load([k[:, :, :worst] for k in keys], [v[:, :, :worst] for v in values])
+        peak_reference = fp16_bytes(layers, 1, heads, worst, dim, dim)
+        # over one residual cycle ending at `tokens`, what a long generation holds on average
+        cycle = []
+        for n in range(tokens - RESIDUAL + 1, tokens + 1):
+            one = KIVICache(1, bits, K_GROUP, V_GROUP, RESIDUAL, sink)  # every layer holds the same
+            one.load([keys[0][:, :, :n]], [values[0][:, :, :n]])
+            cycle.append(fp16_bytes(1, 1, heads, n, dim, dim) / one.nbytes())
         row = {
-            "method": "kivi", "bits": bits, "tokens": tokens, "k_group": K_GROUP, "v_group": V_GROUP, "residual": RESIDUAL,
+            "method": "kivi", "bits": bits, "sink": sink, "tokens": tokens, "cycle_mean_ratio_vs_fp16": sum(cycle) / len(cycle), "k_group": K_GROUP, "v_group": V_GROUP, "residual": RESIDUAL,
             "kv_bytes": cache.nbytes(), "ratio_vs_fp16": reference / cache.nbytes(),
             "residual_tokens": cache.k_res[0].shape[2],
             "peak_kv_bytes": peak.nbytes(), "peak_ratio_vs_fp16": peak_reference / peak.nbytes(), "peak_residual_tokens": peak.k_res[0].shape[2],
         }
-        if models is not None:
+        if models is not None and not sink:
             stats = _pass_stats(models.decode(bits))
             row["predicted_kv_bytes"] = stats.get("cache_bytes")
             row["predicted_ratio_vs_fp16"] = stats.get("ratio_vs_fp16")
         rows.append(row)
-        _log(f"memory {bits}-bit: {row['kv_bytes'] / 2**20:.1f} MiB, {row['ratio_vs_fp16']:.2f}x vs fp16 (peak {row['peak_ratio_vs_fp16']:.2f}x)")
+        _log(f"memory {bits}-bit, sink {sink}: {row['kv_bytes'] / 2**20:.1f} MiB, {row['ratio_vs_fp16']:.2f}x vs fp16 (peak {row['peak_ratio_vs_fp16']:.2f}x, cycle mean {row['cycle_mean_ratio_vs_fp16']:.2f}x)")
     from compiler.kv_cache import EvictingCache
 
     for budget in (0.25, 0.5):
@@ -196,7 +207,7 @@ def quality_rows(models: Models, prompt: int, continuation: int, samples: int, e
     windows = _windows(models, prompt, continuation, samples)
     reference: list[torch.Tensor] = []
     rows = []
-    configs: list[Config] = [FP, *(("kivi", b) for b in BITS), *(EVICTION if eviction else ())]
+    configs: list[Config] = [FP, *(("kivi", b) for b in BITS), ("kivi", 4, SINK), ("kivi", 2, SINK), *(EVICTION if eviction else ())]
     for config in configs:
         nll, agree, tokens = 0.0, 0, 0
         start = time.perf_counter()
@@ -221,6 +232,7 @@ def quality_rows(models: Models, prompt: int, continuation: int, samples: int, e
         row = {
             "method": config[0] if config[0] == "kivi" else config[1], "config": config_name(config),
             "bits": config[1] if config[0] == "kivi" else 32, "budget": config[2] if config[0] == "evict" else None,
+            "sink": (config[2] if len(config) > 2 else 0) if config[0] == "kivi" else None,
             "prompt": prompt, "continuation": continuation, "samples": samples,
             "ppl_fp": ppl_fp, "ppl": ppl, "ppl_increase": ppl / ppl_fp - 1, "top1_agreement": agree / tokens,
             "cache_bytes_at_end": cache_bytes, "ratio_vs_fp32_cache": fp_bytes / cache_bytes,
@@ -314,20 +326,21 @@ def passkey_rows(models: Models, length: int, cases: int) -> list[dict[str, Any]
     depths = [(0.1, 0.5, 0.9)[i % 3] for i in range(cases)]
     keys = [str(int(torch.randint(10000, 100000, (1,), generator=gen))) for _ in range(cases)]
     filler = passkey_filler_ids(models.tok, length)
-    hits: dict[str, list[bool]] = {"fp": [], **{f"int{b}": [] for b in BITS}}
+    configs: list[Config] = [FP, *(("kivi", b) for b in BITS), ("kivi", 4, SINK)]
+    names = {c: "fp" if c == FP else config_name(c).removeprefix("kivi-") for c in configs}
+    hits: dict[str, list[bool]] = {names[c]: [] for c in configs}
     for depth, key in zip(depths, keys):
         ids, positions = passkey_prompt(models.tok, filler, length, depth, key)
         prompt, answer = ids[:, : positions[0]], ids[:, positions[0] :]
-        for bits in (None, *BITS):
-            name = "fp" if bits is None else f"int{bits}"
-            out = models.session(bits).generate(prompt, answer.shape[1])
-            hits[name].append(bool(torch.equal(out, answer)))
+        for config in configs:
+            out = models.session(config).generate(prompt, answer.shape[1])
+            hits[names[config]].append(bool(torch.equal(out, answer)))
     row: dict[str, Any] = {"seq_len": length, "cases": cases, "depths": depths}
     for name, got in hits.items():
         row[f"{name}_correct"] = sum(got)
         row[name] = got
-    for bits in BITS:
-        row[f"int{bits}_lost"] = sum(d and not s for d, s in zip(hits["fp"], hits[f"int{bits}"]))
+        if name != "fp":
+            row[f"{name}_lost"] = sum(d and not s for d, s in zip(hits["fp"], got))
     _log("passkey " + ", ".join(f"{n} {sum(g)}/{cases}" for n, g in hits.items()))
     return [row]
 
@@ -335,13 +348,14 @@ def passkey_rows(models: Models, length: int, cases: int) -> list[dict[str, Any]
 def _goals(payload: dict[str, Any]) -> dict[str, Any]:
     goals: dict[str, Any] = {}
     for row in payload.get("memory") or []:
-        if row["method"] == "kivi" and row["bits"] in (4, 2):
+        if row["method"] == "kivi" and row["bits"] in (4, 2) and not row["sink"]:
             need = 3.5 if row["bits"] == 4 else 6.0
             goals[f"memory_int{row['bits']}_ratio>={need}"] = {"value": round(row["ratio_vs_fp16"], 3), "met": row["ratio_vs_fp16"] >= need}
     for row in payload.get("quality") or []:
         if row["method"] == "kivi" and row["bits"] == 4:
-            goals["quality_int4_ppl_increase<=1%"] = {"value": round(row["ppl_increase"], 5), "met": row["ppl_increase"] <= 0.01}
-            goals["quality_int4_top1>=98%"] = {"value": round(row["top1_agreement"], 4), "met": row["top1_agreement"] >= 0.98}
+            name = row["config"].removeprefix("kivi-")
+            goals[f"quality_{name}_ppl_increase<=1%"] = {"value": round(row["ppl_increase"], 5), "met": row["ppl_increase"] <= 0.01}
+            goals[f"quality_{name}_top1>=98%"] = {"value": round(row["top1_agreement"], 4), "met": row["top1_agreement"] >= 0.98}
     for row in payload.get("decode") or []:
         if row["residual_tokens"] == 0:
             goals[f"decode_int{row['bits']}_speedup>=1"] = {"value": round(row["decode_speedup"], 3), "met": row["decode_speedup"] >= 1.0}

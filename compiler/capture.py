@@ -142,6 +142,7 @@ def _from_exported(ep: ExportedProgram) -> fx.GraphModule:
     for node, spec in zip(placeholders, sig.input_specs):
         if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             constants[node] = lookup[spec.target]
+            node.meta["weight_name"] = spec.target  # kept by the get_attr that replaces it
         elif spec.kind != InputKind.USER_INPUT:
             raise CaptureError(f"unsupported exported input kind {spec.kind} for {spec.arg.name}")
     mutated = {spec.arg.name: spec.target for spec in sig.output_specs if spec.kind == OutputKind.BUFFER_MUTATION}

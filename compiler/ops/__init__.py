@@ -7,6 +7,7 @@ from compiler.ops.causal_attention import causal_attention
 from compiler.ops.rms_norm import rms_norm
 from compiler.ops.sparse_layout import sparse_attention_layout
 from compiler.ops.kv_quant import quantized_kv_attention
+from compiler.ops.shift_add import shiftadd_linear
 
 __all__ = [
     "attention_key_scores",
@@ -20,5 +21,6 @@ __all__ = [
     "op_for_target",
     "quantized_kv_attention",
     "rms_norm",
+    "shiftadd_linear",
     "sparse_attention_layout",
 ]

@@ -26,7 +26,8 @@ from compiler.passes.pipeline import (
 def default_pipeline() -> Pipeline:
     """The built-in passes in order. Lossless canonicalization first; then the lossy passes,
     which run only under a budget that allows loss (or when named in `passes`): sparse
-    attention takes the causal attention sites before fusion does; then fusion: causal SDPA
+    attention takes the causal attention sites before fusion does; `shift_add` (opt-in: only
+    when named in `passes`) reparameterizes the linear layers; then fusion: causal SDPA
     into the flash-attention op, then the partitioner before the RMSNorm pattern, so that a residual add joins its norm in one
     region; `fuse_rms_norm` then takes the norms the partitioner left (with `fuse_regions`
     disabled, all of them)."""
@@ -34,9 +35,10 @@ def default_pipeline() -> Pipeline:
     from compiler.passes.fusion.attention import FuseAttention
     from compiler.passes.fusion.partition import FusePartition
     from compiler.passes.fusion.rms_norm import fuse_rms_norm
+    from compiler.passes.shift_add import ShiftAdd
     from compiler.passes.sparse import SparseAttention
 
-    passes = [CanonicalizeCausalAttention(), SparseAttention(), FuseAttention(), FusePartition(), fuse_rms_norm()]
+    passes = [CanonicalizeCausalAttention(), SparseAttention(), ShiftAdd(), FuseAttention(), FusePartition(), fuse_rms_norm()]
     return Pipeline(passes, name="default")
 
 

@@ -36,13 +36,15 @@ class PassResult:
 class Pass:
     """Base class of every pass.
 
-    Subclasses set `name` (unique in a pipeline), `lossy`, and `requires`: names of passes
+    Subclasses set `name` (unique in a pipeline), `lossy`, `opt_in` (the pipeline runs it
+    only when `passes` names it, whatever the budget), and `requires`: names of passes
     that must run earlier in the pipeline, or of context the pass needs ("calibration_data",
     "sample_inputs").
     """
 
     name: ClassVar[str] = ""
     lossy: ClassVar[bool] = False
+    opt_in: ClassVar[bool] = False  # runs only when named in `passes` (costly or a planner's choice)
     requires: ClassVar[tuple[str, ...]] = ()
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -124,7 +124,11 @@ class Pipeline:
             if not ctx.is_enabled(p.name):
                 records.append(PassRecord(p.name, p.lossy, "disabled"))
                 continue
-            if p.lossy and ctx.budget.lossless and not (ctx.enabled_only and p.name in ctx.enabled_only):
+            named = bool(ctx.enabled_only) and p.name in ctx.enabled_only
+            if p.opt_in and not named:
+                records.append(PassRecord(p.name, p.lossy, "skipped", f"opt-in: name it in passes (--passes {p.name}) to run it"))
+                continue
+            if p.lossy and ctx.budget.lossless and not named:
                 records.append(PassRecord(p.name, p.lossy, "skipped", "lossy, and the budget is lossless: give a budget (ppl:+2%) or name the pass in passes"))
                 continue
             missing = self._missing_requirements(p, ran, ctx)

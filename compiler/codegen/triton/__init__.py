@@ -6,6 +6,6 @@ imported when a lowering runs, because TRITON_INTERPRET (run kernels on CPU tens
 on machines without a GPU) must be set before triton is first imported.
 """
 
-from compiler.codegen.triton import attention, block_sparse_attention, kv_quant_attention, matmul, region, rms_norm
+from compiler.codegen.triton import attention, block_sparse_attention, kv_quant_attention, matmul, region, rms_norm, shift_add
 
-__all__ = ["attention", "block_sparse_attention", "kv_quant_attention", "matmul", "region", "rms_norm"]
+__all__ = ["attention", "block_sparse_attention", "kv_quant_attention", "matmul", "region", "rms_norm", "shift_add"]
