@@ -62,6 +62,16 @@ def env_info() -> dict[str, Any]:
     }
 
 
+def finish(payload: dict[str, Any], goals: Callable[[dict[str, Any]], dict[str, Any]], start: float, path: str | None) -> None:
+    """Every benchmark's last step: its goals and run time into the payload, the JSON written
+    where asked, and the goals printed."""
+    payload["goals"] = goals(payload)
+    payload["seconds"] = time.perf_counter() - start
+    if path:
+        write_json(path, payload)
+    print(json.dumps(payload["goals"], indent=2))
+
+
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write `payload` as indented JSON, creating parent folders."""
     out = Path(path)

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import env_info, load_smollm2, summarize, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import env_info, finish, load_smollm2, summarize, time_interleaved  # noqa: E402
 
 SECTIONS = ("memory", "quality", "decode", "passkey")
 BITS = (8, 4, 2)
@@ -391,13 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         payload["quality"] = quality_rows(models, args.prompt, args.continuation, args.samples, not args.no_eviction)
     if "passkey" in args.only:
         payload["passkey"] = passkey_rows(models, args.passkey_length, args.passkey_cases)
-    payload["goals"] = _goals(payload)
-    payload["seconds"] = time.perf_counter() - start
-    if args.json:
-        write_json(args.json, payload)
-    import json
-
-    print(json.dumps(payload["goals"], indent=2))
+    finish(payload, _goals, start, args.json)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import env_info, load_smollm2, summarize, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import env_info, finish, load_smollm2, summarize, time_interleaved  # noqa: E402
 
 SECTIONS = ("quality", "memory", "gemv", "minilm")
 BITS = (4, 3, 2)
@@ -271,11 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         payload["gemv"], payload["decode_step"] = gemv_rows(args.gemv_bits, args.group, args.repeats)
     if "minilm" in args.only:
         payload["minilm"] = minilm_rows(args.group, tuple(args.bits))
-    payload["goals"] = _goals(payload)
-    payload["seconds"] = time.perf_counter() - start
-    if args.json:
-        write_json(args.json, payload)
-    print(json.dumps(payload["goals"], indent=2))
+    finish(payload, _goals, start, args.json)
 
 
 if __name__ == "__main__":

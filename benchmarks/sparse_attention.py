@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import env_info, load_smollm2, summarize, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import env_info, finish, load_smollm2, summarize, time_interleaved  # noqa: E402
 
 HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK = 9, 3, 64, 64
 SECTIONS = ("kernel", "quality", "passkey", "e2e")
@@ -334,13 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         payload["passkey"] = passkey_rows(models, args.windows, args.passkey_cases)
     if "e2e" in args.only:
         payload["e2e"] = e2e_rows(models, args.e2e_lengths, max(3, args.repeats // 2))
-    payload["goals"] = _goals(payload)
-    payload["seconds"] = time.perf_counter() - start
-    if args.json:
-        write_json(args.json, payload)
-    import json
-
-    print(json.dumps(payload["goals"], indent=2))
+    finish(payload, _goals, start, args.json)
 
 
 if __name__ == "__main__":
