@@ -22,6 +22,6 @@ import torch
 os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "1000")
 
-from compiler.codegen.tvm import attention, block_sparse_attention, kv_quant_attention, region, rms_norm  # noqa: E402
+from compiler.codegen.tvm import attention, block_sparse_attention, kv_quant_attention, region, rms_norm, shift_add  # noqa: E402
 
-__all__ = ["attention", "block_sparse_attention", "kv_quant_attention", "region", "rms_norm"]
+__all__ = ["attention", "block_sparse_attention", "kv_quant_attention", "region", "rms_norm", "shift_add"]
