@@ -124,8 +124,8 @@ class KIVICache(KVCache):
         s, e = self.sinks, self.sinks + cut
         self.k_q = [self._keys(k[:, :, s:e]) for k in keys]
         self.v_q = [self._values(v[:, :, s:e]) for v in values]
-        self.k_res = [torch.cat([k[:, :, :s], k[:, :, e:]], 2) for k in keys]
-        self.v_res = [torch.cat([v[:, :, :s], v[:, :, e:]], 2) for v in values]
+        self.k_res = [_without(k, s, e) for k in keys]
+        self.v_res = [_without(v, s, e) for v in values]
         self.length = n
 
     def append(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], scores: Sequence[torch.Tensor] | None = None) -> None:
@@ -141,13 +141,18 @@ class KIVICache(KVCache):
             for i in range(self.layers):
                 self.k_q[i] = _concat(self.k_q[i], self._keys(self.k_res[i][:, :, s:e]))
                 self.v_q[i] = _concat(self.v_q[i], self._values(self.v_res[i][:, :, s:e]))
-                self.k_res[i] = torch.cat([self.k_res[i][:, :, :s], self.k_res[i][:, :, e:]], 2)
-                self.v_res[i] = torch.cat([self.v_res[i][:, :, :s], self.v_res[i][:, :, e:]], 2)
+                self.k_res[i] = _without(self.k_res[i], s, e)
+                self.v_res[i] = _without(self.v_res[i], s, e)
 
     def to_quantize(self, waiting: int) -> int:
         """How many of the `waiting` non-sink residual tokens to quantize now: whole blocks of
         `residual`, keeping at least `recent` at full precision."""
         return max(0, waiting - self.recent) // self.residual * self.residual
+
+    def quantized_after(self, tokens: int) -> int:
+        """Tokens held quantized once `tokens` positions have been cached (what the cache's
+        schedule leaves at full precision is the rest: the sinks and the residual)."""
+        return self.to_quantize(tokens - min(self.sink, tokens))
 
     def _keys(self, k: torch.Tensor) -> kv_quant.Quantized:
         return kv_quant.quantize_keys(k, self.bits, self.k_group)
@@ -167,6 +172,11 @@ class KIVICache(KVCache):
 
     def quantized_tokens(self) -> int:
         return self.k_q[0].codes.shape[2] if self.k_q else 0
+
+
+def _without(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """t with tokens [start, end) (dim 2) taken out."""
+    return torch.cat([t[:, :, :start], t[:, :, end:]], 2)
 
 
 def _concat(a: kv_quant.Quantized, b: kv_quant.Quantized) -> kv_quant.Quantized:

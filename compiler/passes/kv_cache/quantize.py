@@ -135,9 +135,7 @@ class KVQuantize(Pass):
         quantized blocks, plus the sinks and the residual at the model's precision."""
         from compiler.kv_cache import KIVICache
 
-        kept = KIVICache(1, self.bits, self.k_group, self.v_group, self.residual, self.sink, self.recent)
-        sinks = min(self.sink, self.report_length)
-        n = kept.to_quantize(self.report_length - sinks)
+        n = KIVICache(1, self.bits, self.k_group, self.v_group, self.residual, self.sink, self.recent).quantized_after(self.report_length)
         total = fp16 = 0
         for found in sites:
             s = found.site

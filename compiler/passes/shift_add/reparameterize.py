@@ -96,9 +96,9 @@ class ShiftAdd(Pass):
         sites = self._eligible(gm, result)
         if not sites:
             return result
-        hessians = self._hessians(gm, sites, ctx)
+        hessians, calibration = self._hessians(gm, sites, ctx)
         widths = (self.bits,) if self.bits is not None else ALLOCATION_BITS
-        fitted = self._fit(gm, sites, hessians, widths)
+        fitted = self._fit(gm, sites, hessians, calibration, widths)
         chosen = {i: self.bits for i in fitted} if self.bits is not None else allocate(
             {i: {b: q.output_error for b, q in f.items()} for i, f in fitted.items()},
             {i: sites[i].matrix(gm).numel() for i in fitted},
@@ -160,13 +160,14 @@ class ShiftAdd(Pass):
 
     # -- calibration --------------------------------------------------------------------------
 
-    def _hessians(self, gm: fx.GraphModule, sites: list[LinearSite], ctx: Any) -> dict[fx.Node, torch.Tensor]:
-        """X^T X per activation that some layer reads (empty without calibration data)."""
+    def _hessians(self, gm: fx.GraphModule, sites: list[LinearSite], ctx: Any) -> tuple[dict[fx.Node, torch.Tensor], str | None]:
+        """X^T X per activation that some layer reads, and a fingerprint of the calibration
+        inputs (for the weight cache's key); ({}, None) without calibration data."""
         if ctx.calibration_data is None:
             self.say("no calibration data: minimizing the weight error only")
-            return {}
-        batches = ctx.calibration_data.batches(_static_length(gm) or self.calibration_length, self.calibration_count)
-        self._calibration_key = _fingerprint(batches)
+            return {}, None
+        length = _static_length(gm) or self.calibration_length
+        batches = ctx.calibration_data.batches(length, self.calibration_count)
         sources = {s.source for s in sites}
         grams: dict[fx.Node, torch.Tensor] = {}
 
@@ -176,10 +177,10 @@ class ShiftAdd(Pass):
 
         start = time.perf_counter()
         record(gm, sources, batches, report)
-        self.say(f"collected the inputs of {len(sites)} layers on {len(batches)} windows of {self.calibration_length} tokens ({time.perf_counter() - start:.0f} s)")
-        return grams
+        self.say(f"collected the inputs of {len(sites)} layers on {len(batches)} windows of {length} tokens ({time.perf_counter() - start:.0f} s)")
+        return grams, _fingerprint(batches)
 
-    def _fit(self, gm: fx.GraphModule, sites: list[LinearSite], hessians: dict[fx.Node, torch.Tensor], widths: tuple[int, ...]) -> dict[int, dict[int, QuantizedLinear]]:
+    def _fit(self, gm: fx.GraphModule, sites: list[LinearSite], hessians: dict[fx.Node, torch.Tensor], calibration: str | None, widths: tuple[int, ...]) -> dict[int, dict[int, QuantizedLinear]]:
         """Per site and width, its quantized weight. Sites that read the same activation (q, k
         and v; gate and up) share a Hessian, and the quantizer treats rows independently, so
         their matrices are stacked and quantized in one call (a third of the column sweeps)."""
@@ -193,7 +194,7 @@ class ShiftAdd(Pass):
             stacked = torch.cat(matrices, 0)
             h = hessians.get(source)
             for bits in widths:
-                q = self._quantized(stacked, bits, h)
+                q = self._quantized(stacked, bits, h, calibration)
                 row = 0
                 for i, w in zip(members, matrices):
                     part = q.weight.rows(row, row + w.shape[0])
@@ -204,12 +205,12 @@ class ShiftAdd(Pass):
                 self.say(f"quantized {done}/{len(by_source)} layer groups at {'/'.join(map(str, widths))} bits ({spent:.0f} s, ~{spent / done * (len(by_source) - done):.0f} s left)")
         return fitted
 
-    def _quantized(self, w: torch.Tensor, bits: int, hessian: torch.Tensor | None) -> QuantizedLinear:
-        """The quantizer's result, from the cache when the same weight and calibration were
-        quantized before."""
+    def _quantized(self, w: torch.Tensor, bits: int, hessian: torch.Tensor | None, calibration: str | None) -> QuantizedLinear:
+        """The quantizer's result, from the cache when the same weight and calibration inputs
+        (`calibration`, their fingerprint) were quantized before."""
         from safetensors.torch import load_file, save_file
 
-        key = hashlib.sha256(repr((_VERSION, bits, self.group, getattr(self, "_calibration_key", None) if hessian is not None else None)).encode() + w.contiguous().numpy().tobytes()).hexdigest()[:40]
+        key = hashlib.sha256(repr((_VERSION, bits, self.group, calibration if hessian is not None else None)).encode() + w.contiguous().numpy().tobytes()).hexdigest()[:40]
         path = cache_dir("shift_add") / f"{key}.safetensors"
         if path.exists():
             t = load_file(str(path))
