@@ -65,13 +65,13 @@ class FullCache(KVCache):
     def load(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], scores: Sequence[torch.Tensor] | None = None) -> None:
         self._check(keys, values)
         self.keys, self.values = [k.contiguous() for k in keys], [v.contiguous() for v in values]
-        self.length = keys[0].shape[2]
+        self.length = max(k.shape[2] for k in keys)  # a layer whose attention was skipped caches nothing
 
     def append(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], scores: Sequence[torch.Tensor] | None = None) -> None:
         self._check(keys, values)
         self.keys = [torch.cat([a, b], 2) for a, b in zip(self.keys, keys)]
         self.values = [torch.cat([a, b], 2) for a, b in zip(self.values, values)]
-        self.length += keys[0].shape[2]
+        self.length += max(k.shape[2] for k in keys)
 
     def graph_inputs(self) -> list[torch.Tensor]:
         return [*self.keys, *self.values]
