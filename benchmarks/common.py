@@ -90,3 +90,18 @@ def load_smollm2() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def capture_lm_forward(model: Any, last_only: bool) -> Any:
+    """A causal LM's forward captured with a symbolic sequence length (2..8192 tokens), input
+    `input_ids` alone (one unpadded sequence); all logits, or the last position's
+    (`logits_to_keep=1`, as a prefill runs)."""
+    from compiler.capture import capture_export
+
+    seq = torch.export.Dim("seq", min=2, max=8192)
+    kwargs: dict[str, Any] = {"input_ids": torch.zeros(1, 256, dtype=torch.int64)}
+    dynamic: dict[str, Any] = {"input_ids": {1: seq}}
+    if last_only:
+        kwargs["logits_to_keep"], dynamic["logits_to_keep"] = 1, None
+    return capture_export(model, (), kwargs, dynamic_shapes=dynamic)
+

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import env_info, finish, load_smollm2, summarize, time_interleaved  # noqa: E402
+from benchmarks.common import capture_lm_forward, env_info, finish, load_smollm2, summarize, time_interleaved  # noqa: E402
 
 SECTIONS = ("static", "dynamic")
 TEXTS = ("abstracts_evaluation", "novel_evaluation")
@@ -71,16 +71,9 @@ class Models:
         return self._captured(True)
 
     def _captured(self, last_only: bool) -> Any:
-        from compiler.capture import capture_export
-
         if last_only not in self._graphs:
-            seq = torch.export.Dim("seq", min=2, max=8192)
-            kwargs: dict[str, Any] = {"input_ids": torch.zeros(1, 256, dtype=torch.int64)}
-            dynamic: dict[str, Any] = {"input_ids": {1: seq}}
-            if last_only:
-                kwargs["logits_to_keep"], dynamic["logits_to_keep"] = 1, None
             start = time.perf_counter()
-            self._graphs[last_only] = capture_export(self.model, (), kwargs, dynamic_shapes=dynamic)
+            self._graphs[last_only] = capture_lm_forward(self.model, last_only)
             _log(f"captured the forward graph ({'last' if last_only else 'all'} logits) in {time.perf_counter() - start:.0f} s")
         return self._graphs[last_only]
 

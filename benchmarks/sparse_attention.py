@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import env_info, finish, load_smollm2, summarize, time_interleaved  # noqa: E402
+from benchmarks.common import capture_lm_forward, env_info, finish, load_smollm2, summarize, time_interleaved  # noqa: E402
 
 HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK = 9, 3, 64, 64
 SECTIONS = ("kernel", "quality", "passkey", "e2e")
@@ -135,15 +135,8 @@ class Models:
         self._compiled: dict[tuple[str | None, bool], tuple[Callable[[torch.Tensor], torch.Tensor], Any]] = {}
 
     def captured(self, last_only: bool) -> Any:
-        from compiler.capture import capture_export
-
         if last_only not in self._captured:
-            seq = torch.export.Dim("seq", min=2, max=8192)
-            kwargs: dict[str, Any] = {"input_ids": torch.zeros(1, 256, dtype=torch.int64)}
-            dynamic: dict[str, Any] = {"input_ids": {1: seq}}
-            if last_only:
-                kwargs["logits_to_keep"], dynamic["logits_to_keep"] = 1, None
-            self._captured[last_only] = capture_export(self.model, (), kwargs, dynamic_shapes=dynamic)
+            self._captured[last_only] = capture_lm_forward(self.model, last_only)
         return self._captured[last_only]
 
     def compiled(self, method: str | None, last_only: bool = False) -> tuple[Callable[[torch.Tensor], torch.Tensor], Any]:
