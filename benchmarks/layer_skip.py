@@ -19,7 +19,8 @@ SmolLM2-135M (fp32, 30 blocks), target `host`. Sections (`--only`):
   run as captured (eager ATen, the same for the full model). Teacher-forced perplexity and top-1
   agreement of the continuation through real token-by-token decode (a `--dyn-prompt`-token
   prompt, `--dyn-continuation` tokens) against full decode; `speedup_measured` is the ratio of
-  the mean decode-step times, `speedup_predicted` the cost model's over the same steps.
+  the decode steps' total times (the prefill, the same in both, untimed), `speedup_predicted`
+  the cost model's over the same steps.
 
 Run:
 
@@ -218,10 +219,14 @@ def dynamic_rows(models: Models, schedules: list[tuple[int, int]], prompt: int, 
     cases = {text: token_windows(models.tok, load_text(text), prompt + continuation, count=samples) for text in TEXTS}
 
     def score(session_fn: Callable[[], Session], ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Teacher-forced logits of the continuation (as `Session.score`), and the seconds its
+        decode steps took (the prefill, the same graph in both, is not timed)."""
         session = session_fn()
+        logits = [session.prefill(ids[:, :prompt])]
         t0 = time.perf_counter()
-        logits = session.score(ids[:, :prompt], ids[:, prompt:])
-        return logits, time.perf_counter() - t0
+        for i in range(prompt, ids.shape[1] - 1):
+            logits.append(session.step(ids[:, i]))
+        return torch.stack(logits, 1), time.perf_counter() - t0
 
     full: dict[str, list[tuple[torch.Tensor, float]]] = {}
     for text, windows in cases.items():
@@ -244,7 +249,6 @@ def dynamic_rows(models: Models, schedules: list[tuple[int, int]], prompt: int, 
                 full_s, skip_s = full_s + t_ref, skip_s + t
             ppl_ref, ppl = float(torch.exp(torch.tensor(nll_ref / tokens))), float(torch.exp(torch.tensor(nll / tokens)))
             row[text] = {"ppl_fp": ppl_ref, "ppl": ppl, "ppl_increase": ppl / ppl_ref - 1, "top1_agreement": agree / tokens, "tokens": int(tokens)}
-        # the prefill is the same in both: the measured ratio is over whole sequences, prefill included
         row["seconds_full"], row["seconds_skip"] = full_s, skip_s
         row["speedup_measured"] = full_s / skip_s
         row["speedup_predicted"] = predicted_decode_speedup(lm, schedule, continuation - 1, prompt + continuation // 2)
