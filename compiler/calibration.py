@@ -92,3 +92,13 @@ def record(gm: fx.GraphModule, nodes: Collection[fx.Node], batches: Sequence[Seq
     for b, inputs in enumerate(batches):
         with torch.no_grad():
             _Recorder(gm, wanted, lambda node, value, b=b: report(b, node, value)).run(*inputs)
+
+
+def static_length(gm: fx.GraphModule) -> int | None:
+    """The sequence length of a graph captured at a fixed one (token ids [B, S] with S an int):
+    calibration windows must have it; None when it is symbolic."""
+    for node in gm.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor) and val.dim() == 2 and not val.dtype.is_floating_point:
+            return val.shape[1] if isinstance(val.shape[1], int) else None
+    return None

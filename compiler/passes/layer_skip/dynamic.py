@@ -137,7 +137,7 @@ def compile_skip_decode(
     total = len(find_blocks(lm.decode.gm).blocks)
     if schedule.max_blocks > total:
         raise UserInputError(f"SkipDecode: the schedule starts at {schedule.max_blocks} blocks; the model has {total}")
-    graphs = {b: exit_graph(lm.decode.gm, b) if b < total else copy_graph_module(lm.decode.gm) for b in schedule.exits()}
+    graphs = {b: exit_graph(lm.decode.gm, b) for b in schedule.exits()}
     if not compile:
         return SkipDecodeLM(lm.prefill.gm, dict(graphs), schedule, lm.shape.layers, graphs)
     from compiler.driver import CompileOptions, compile_graph
@@ -164,8 +164,7 @@ def predicted_decode_speedup(lm: CachedLM, schedule: ExitSchedule, steps: int, c
         estimate = model.graph(gm)
         return float(estimate.at({s: cache_length for s in estimate.symbols}).time)
 
-    total = len(find_blocks(lm.decode.gm).blocks)
-    per_exit = {b: seconds(exit_graph(lm.decode.gm, b) if b < total else lm.decode.gm) for b in schedule.exits()}
+    per_exit = {b: seconds(exit_graph(lm.decode.gm, b)) for b in schedule.exits()}
     full = seconds(lm.decode.gm)
     return steps * full / sum(per_exit[schedule.blocks_at(t)] for t in range(steps))
 

@@ -46,6 +46,7 @@ from compiler.analysis.blocks import Blocks, Sublayer, bypass, find_blocks
 from compiler.errors import UserInputError
 from compiler.ir import copy_graph_module, propagate_meta
 from compiler.passes.base import Pass, PassResult
+from compiler.calibration import static_length
 from compiler.passes.layer_skip.importance import stream_similarity
 
 aten = torch.ops.aten
@@ -160,11 +161,13 @@ class LayerSkip(Pass):
             return [Unit(f"block{b.index}", b.sublayers) for b in blocks.blocks if b.sublayers]
         return [Unit(s.name, [s]) for s in blocks.of_kind(self.kind)]
 
-    def _rank(self, gm: fx.GraphModule, blocks: Blocks, units: list[Unit], ctx: Any) -> None:
-        from compiler.passes.shift_add.reparameterize import _static_length
+    def _batches(self, gm: fx.GraphModule, ctx: Any) -> tuple[int, list[list[Any]]]:
+        """Calibration inputs: windows of the graph's own length when it is static."""
+        length = static_length(gm) or self.calibration_length
+        return length, ctx.calibration_data.batches(length, self.calibration_count)
 
-        length = _static_length(gm) or self.calibration_length
-        batches = ctx.calibration_data.batches(length, self.calibration_count)
+    def _rank(self, gm: fx.GraphModule, blocks: Blocks, units: list[Unit], ctx: Any) -> None:
+        length, batches = self._batches(gm, ctx)
         start = time.perf_counter()
         per_sublayer, per_block = stream_similarity(gm, blocks, batches)
         self.say(f"measured {len(units)} {self.kind} units on {len(batches)} windows of {length} tokens ({time.perf_counter() - start:.0f} s)")
@@ -217,17 +220,13 @@ class LayerSkip(Pass):
             return []
         if getattr(ctx, "calibration_data", None) is None:
             raise UserInputError("layer_skip: choosing units within a quality budget needs calibration data (or give count, fraction or speedup)")
-        from compiler.passes.shift_add.reparameterize import _static_length
-
-        batches = ctx.calibration_data.batches(_static_length(gm) or self.calibration_length, self.calibration_count)
+        _, batches = self._batches(gm, ctx)
         reference = [_lm_outputs(gm, b) for b in batches]
         measured: dict[int, tuple[float, float]] = {}
 
         def quality(n: int) -> tuple[float, float]:
             if n not in measured:
-                candidate = copy_graph_module(gm)
-                apply_skips(candidate, _same_sublayers(candidate, gm, [s for u in self._order(units, method, n) for s in u.sublayers]), self.drop_cache)
-                measured[n] = _quality(candidate, batches, reference)
+                measured[n] = _quality(_skipped_copy(gm, self._order(units, method, n), self.drop_cache), batches, reference)
                 self.say(f"{n} {self.kind} units skipped: calibration ppl {measured[n][0]:+.2%}, top-1 {measured[n][1]:.3f}")
             return measured[n]
 
@@ -311,10 +310,12 @@ def _empty_side_outputs(gm: fx.GraphModule, indices: list[int]) -> None:
     output.args = (type(output.args[0])(flat) if isinstance(output.args[0], (list, tuple)) else flat[0],)
 
 
-def _same_sublayers(copy: fx.GraphModule, original: fx.GraphModule, sublayers: Sequence[Sublayer]) -> list[Sublayer]:
-    """`sublayers` of `original` found again in its copy (by index along the stream)."""
-    found = find_blocks(copy).sublayers
-    return [found[s.index] for s in sublayers]
+def _skipped_copy(gm: fx.GraphModule, units: Sequence[Unit], drop_cache: bool) -> fx.GraphModule:
+    """A copy of `gm` with `units` (found in gm) skipped; gm stays as it is."""
+    copy = copy_graph_module(gm)
+    found = find_blocks(copy).sublayers  # the same sublayers, by index along the stream
+    apply_skips(copy, [found[s.index] for u in units for s in u.sublayers], drop_cache)
+    return copy
 
 
 # -- prediction -----------------------------------------------------------------------------------
@@ -340,9 +341,7 @@ def _predicted(gm: fx.GraphModule, chosen: list[Unit], times: dict[str, float], 
     """The cost model's speedup of `gm` with `chosen` skipped (measured on a copy)."""
     if not chosen:
         return 1.0
-    copy = copy_graph_module(gm)
-    apply_skips(copy, _same_sublayers(copy, gm, [s for u in chosen for s in u.sublayers]), drop_cache)
-    after = _surviving_time(copy, times)
+    after = _surviving_time(_skipped_copy(gm, chosen, drop_cache), times)
     return total / after if after > 0 else math.inf
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.fx as fx
 
 from compiler.cache import cache_dir
-from compiler.calibration import record
+from compiler.calibration import record, static_length
 from compiler.cost_model.rules import TensorInfo, node_cost
 from compiler.errors import UserInputError
 from compiler.ops import shift_add as ops
@@ -166,7 +166,7 @@ class ShiftAdd(Pass):
         if ctx.calibration_data is None:
             self.say("no calibration data: minimizing the weight error only")
             return {}, None
-        length = _static_length(gm) or self.calibration_length
+        length = static_length(gm) or self.calibration_length
         batches = ctx.calibration_data.batches(length, self.calibration_count)
         sources = {s.source for s in sites}
         grams: dict[fx.Node, torch.Tensor] = {}
@@ -260,14 +260,6 @@ def allocate(errors: dict[int, dict[int, float]], sizes: dict[int, int], avg_bit
         chosen[best] = up
 
 
-def _static_length(gm: fx.GraphModule) -> int | None:
-    """The sequence length of a graph captured at a fixed one (token ids [B, S] with S an int):
-    calibration windows must have it; None when it is symbolic."""
-    for node in gm.graph.nodes:
-        val = node.meta.get("val") if node.op == "placeholder" else None
-        if isinstance(val, torch.Tensor) and val.dim() == 2 and not val.dtype.is_floating_point:
-            return val.shape[1] if isinstance(val.shape[1], int) else None
-    return None
 
 
 def _fingerprint(batches: list[list[Any]]) -> str:
