@@ -113,7 +113,7 @@ def _predicted(baseline: Any, candidate: Any, length: int) -> float:
 
     def seconds(gm: Any) -> float:
         est = model.graph(gm)
-        return float(est.at({s: length for s in est.symbols}).time)
+        return float(est.at_length(length).time)
 
     return seconds(baseline) / seconds(candidate)
 

@@ -22,7 +22,7 @@ import torch.fx as fx
 from compiler.capture import aten_graph_from_aot
 from compiler.driver import CompileOptions, CompileResult, compile_graph
 
-_OPTION_KEYS = {"target", "passes", "disable", "budget", "dump_dir", "verify"}
+_OPTION_KEYS = {"target", "passes", "disable", "budget", "dump_dir", "verify", "pipeline"}
 
 
 def _static_input_indices(gm: fx.GraphModule) -> list[int]:

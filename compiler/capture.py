@@ -14,8 +14,9 @@ folded back into the device-neutral `aten.scaled_dot_product_attention`, no dead
 
 from __future__ import annotations
 
-import operator
 import inspect
+import operator
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -84,12 +85,19 @@ def capture_export(
     kwargs: dict[str, Any] | None = None,
     *,
     dynamic_shapes: Any = None,
+    cache: bool = False,
 ) -> Captured:
     """Capture with torch.export; `dynamic_shapes` as torch.export takes it.
 
     HF models return a KV-cache object by default; a forward graph does not need it
     (explicit-cache graphs are captured on their own), so `use_cache=False` is fixed when the
     model takes it and the caller did not say.
+
+    With `cache`, the decomposed ExportedProgram is saved (`torch.export.save`) under the
+    compiler's cache, keyed by the model's class and source, a fingerprint of its weights, the
+    inputs' shapes and dtypes, the dynamic shapes and the torch and transformers versions; a
+    later capture of the same model loads it (seconds, where exporting SmolLM2 with a symbolic
+    length takes a minute or more).
     """
     kwargs = dict(kwargs or {})
     fixed = {}
@@ -98,18 +106,71 @@ def capture_export(
     kwargs.update(fixed)
     if isinstance(dynamic_shapes, dict) and fixed:
         dynamic_shapes = {**dynamic_shapes, **{k: None for k in fixed}}
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-            ep = ep.run_decompositions(_cia_decompositions())
-    except Exception as exc:  # export raises many types; the user needs the first line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {first}. "
-            "Use the torch.compile backend, which tolerates graph breaks"
-        ) from exc
+    path = _export_cache_path(model, args, kwargs, dynamic_shapes) if cache else None
+    ep = _load_export(path) if path is not None else None
+    if ep is None:
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+                ep = ep.run_decompositions(_cia_decompositions())
+        except Exception as exc:  # export raises many types; the user needs the first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CaptureError(
+                f"torch.export could not capture {type(model).__name__}: {first}. "
+                "Use the torch.compile backend, which tolerates graph breaks"
+            ) from exc
+        if path is not None:
+            _save_export(ep, path)
     gm = _from_exported(ep)
     return Captured(gm, ep.call_spec.in_spec, ep.call_spec.out_spec, "export", fixed)
+
+
+_EXPORT_CACHE_VERSION = 1
+
+
+def _export_cache_path(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any], dynamic_shapes: Any) -> Any:
+    """Where a capture of this model with these inputs is stored (None: not cacheable)."""
+    import hashlib
+
+    import transformers
+
+    from compiler.cache import cache_dir
+
+    try:
+        source = inspect.getsource(type(model))
+    except (OSError, TypeError):
+        return None
+    h = hashlib.sha256()
+    leaves = [(type(x).__name__, tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else repr(x) for x in pytree.tree_leaves((tuple(args), kwargs))]
+    config = getattr(model, "config", None)
+    h.update(repr((_EXPORT_CACHE_VERSION, torch.__version__, transformers.__version__, type(model).__qualname__, source, sorted(kwargs), leaves, repr(dynamic_shapes), config.to_json_string() if hasattr(config, "to_json_string") else None)).encode())
+    for name, tensor in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
+        flat = tensor.detach().reshape(-1)
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        h.update(flat[:: max(1, flat.numel() // 4096)].float().contiguous().numpy().tobytes())
+    return cache_dir("captures") / f"{h.hexdigest()[:32]}.pt2"
+
+
+def _load_export(path: Any) -> ExportedProgram | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.export.load(path)
+    except Exception:  # noqa: BLE001 - a damaged or incompatible file: capture again
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _save_export(ep: ExportedProgram, path: Any) -> None:
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
+    try:
+        torch.export.save(ep, tmp)
+        tmp.replace(path)
+    except Exception as exc:  # noqa: BLE001 - caching is an optimization, never a failure
+        tmp.unlink(missing_ok=True)
+        import warnings
+
+        warnings.warn(f"could not cache the exported program ({type(exc).__name__}: {exc}); the next capture exports again", stacklevel=3)
 
 
 def _cia_decompositions() -> dict[Any, Any]:

@@ -58,6 +58,7 @@ class CompileOptions:
     pipeline: Pipeline | None = None
     verify: bool = False
     dump_dir: Path | None = None
+    length: int | None = None  # price the graph at this sequence length (default: the example's)
 
     @classmethod
     def make(
@@ -69,6 +70,7 @@ class CompileOptions:
         pipeline: Pipeline | None = None,
         verify: bool = False,
         dump_dir: str | Path | None = None,
+        length: int | None = None,
     ) -> CompileOptions:
         return cls(
             target=load_target(target),
@@ -78,6 +80,7 @@ class CompileOptions:
             pipeline=pipeline,
             verify=verify,
             dump_dir=Path(dump_dir) if dump_dir else None,
+            length=length,
         )
 
 
@@ -136,7 +139,7 @@ def compile_graph(
         cost_model=cost_model,
     )
     records = pipeline.run(gm, ctx)
-    cost = CostReport.make(options.target, before, cost_model.graph(gm), gm, sample_inputs)
+    cost = CostReport.make(options.target, before, cost_model.graph(gm), gm, sample_inputs, options.length)
     executable, report = lower_graph(gm, options.target)
     return CompileResult(gm, executable, options.target, options.budget, records, report, time.perf_counter() - start, cost)
 

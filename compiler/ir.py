@@ -16,6 +16,7 @@ This module holds the small helpers that keep those invariants when a pass edits
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import operator
 from typing import Any, Iterable, Iterator
 
@@ -202,3 +203,15 @@ def at_hints(expr: Any, gm: fx.GraphModule) -> Any:
         return None
     value = expr.subs({s: hints[s.name] for s in expr.free_symbols if s.name in hints})
     return None if value.free_symbols else value
+
+
+def weights_fingerprint(gm: fx.GraphModule) -> str:
+    """A hash of the graph's constants: names, shapes, dtypes and a strided sample of values
+    (hashing every byte of a 540 MB model would take a second per compile)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted({**dict(gm.named_parameters()), **dict(gm.named_buffers())}.items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().contiguous()
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()

@@ -107,6 +107,12 @@ def evaluation_batches(window: int = PROMPT_TOKENS, count: int = 32) -> list[Bat
     return _batches(("abstracts_evaluation", "novel_evaluation"), window, count)
 
 
+def evaluation_sets(window: int = PROMPT_TOKENS, count: int = 2) -> dict[str, list[Batch]]:
+    """Per evaluation text (`abstracts_evaluation`, `novel_evaluation`): `count` input dicts of
+    `window` tokens, so that `optimize` reports quality per text."""
+    return {name: _batches((name,), window, count) for name in ("abstracts_evaluation", "novel_evaluation")}
+
+
 def _batches(names: tuple[str, ...], window: int, count: int) -> list[Batch]:
     """Windows spread evenly through each text (many abstracts, many chapters), in text order."""
     batches = []

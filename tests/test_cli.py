@@ -70,7 +70,7 @@ def cli_run(request, workdir):
 def test_cli_exits_zero_and_writes_every_artifact(cli_run):
     target, code, out, _, stderr = cli_run
     assert code == 0, stderr
-    assert sorted(p.name for p in out.iterdir()) == ["cost.json", "graph.txt", "kernels", "plan.json", "report.md", "roofline.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["cost.json", "graph.txt", "kernels", "model.onnx", "plan.json", "report.html", "report.md", "roofline.png"]
     assert "Traceback" not in stderr
     # graph.txt is the optimized graph: the norms are fused regions (their bodies listed after
     # the graph), so the top-level listing has no decomposed norm left.

@@ -115,6 +115,11 @@ class GraphEstimate:
         named = {self.sources[k] if isinstance(k, str) and k in self.sources else k: v for k, v in bindings.items()}
         return GraphEstimate(self.target, tuple(e.at(named) for e in self.estimates), self.sources)
 
+    def at_length(self, length: int) -> GraphEstimate:
+        """Every free size symbol bound to `length`: the estimate of a graph symbolic in the
+        sequence length alone (a prefill at `length` tokens, a decode step at that cache)."""
+        return self.at({s: length for s in self.symbols})
+
     def kernels(self) -> list[Estimate]:
         """Estimates that launch something, most expensive first (numeric graphs only)."""
         launched = [e for e in self.estimates if _nonzero(e.work.launches)]

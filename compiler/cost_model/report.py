@@ -342,10 +342,14 @@ class CostReport:
     shapes: dict[str, str]
 
     @classmethod
-    def make(cls, target: Target, before: GraphEstimate, after: GraphEstimate, gm: fx.GraphModule, sample_inputs: Sequence[Any] | None = None) -> CostReport:
-        """Bind the symbols of `before` and `after` (of graph `gm`) to the example sizes."""
+    def make(cls, target: Target, before: GraphEstimate, after: GraphEstimate, gm: fx.GraphModule, sample_inputs: Sequence[Any] | None = None, length: int | None = None) -> CostReport:
+        """Bind the symbols of `before` and `after` (of graph `gm`) to the example sizes, or
+        every one of them to `length` (a graph symbolic in the sequence length alone)."""
         symbols = _symbols(before) | _symbols(after)
-        values = example_bindings(gm, sample_inputs) if symbols else {}
+        if length is not None:
+            values = {s: length for s in symbols}
+        else:
+            values = example_bindings(gm, sample_inputs) if symbols else {}
         names = {sym: source for source, sym in shape_symbols(gm).items()}
         bindings = {names.get(sym, sym.name): n for sym, n in values.items() if sym in symbols}
         if values:

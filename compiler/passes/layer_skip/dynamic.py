@@ -162,7 +162,7 @@ def predicted_decode_speedup(lm: CachedLM, schedule: ExitSchedule, steps: int, c
 
     def seconds(gm: fx.GraphModule) -> float:
         estimate = model.graph(gm)
-        return float(estimate.at({s: cache_length for s in estimate.symbols}).time)
+        return float(estimate.at_length(cache_length).time)
 
     per_exit = {b: seconds(exit_graph(lm.decode.gm, b)) for b in schedule.exits()}
     full = seconds(lm.decode.gm)

@@ -15,6 +15,10 @@ Which units (`method`):
 - `unified` (Unified Layer Skipping, Liu et al., 2024): input-independent, so batching and the
   KV cache keep working; the n skipped units are spread evenly over the intermediate units
   (the first `keep_first` and last `keep_last` always stay).
+- `greedy`: measured, not proxied: each step skips, of the units left, the one whose removal
+  (on top of those already skipped) costs the least calibration perplexity, re-measuring every
+  candidate (n + (n-1) + ... evaluations: slower than `similarity`, which ranks once, but it
+  sees how removals interact). Needs calibration data and an LM graph.
 
 How many (exactly one of):
 - `count` units, or `fraction` of the eligible ones (rounded);
@@ -32,6 +36,7 @@ predicted speedup of the whole graph at `length` tokens (every free size symbol 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
@@ -44,7 +49,8 @@ import torch.fx as fx
 
 from compiler.analysis.blocks import Blocks, Sublayer, bypass, find_blocks
 from compiler.errors import UserInputError
-from compiler.ir import copy_graph_module, propagate_meta
+from compiler.cache import Store
+from compiler.ir import copy_graph_module, propagate_meta, weights_fingerprint
 from compiler.passes.base import Pass, PassResult
 from compiler.calibration import static_length
 from compiler.passes.layer_skip.importance import stream_similarity
@@ -52,7 +58,8 @@ from compiler.passes.layer_skip.importance import stream_similarity
 aten = torch.ops.aten
 
 KINDS = ("attention", "mlp", "block")
-METHODS = ("similarity", "unified")
+METHODS = ("similarity", "unified", "greedy")
+_SIMILARITY_VERSION = 1  # bumped when stream_similarity measures something else
 
 
 @dataclass
@@ -135,6 +142,12 @@ class LayerSkip(Pass):
                 method = "unified"
             else:
                 self._rank(gm, blocks, units, ctx)
+        self._greedy = None
+        if method == "greedy":
+            if getattr(ctx, "calibration_data", None) is None:
+                raise UserInputError("layer_skip: method='greedy' measures each removal on calibration inputs; give calibration data (or use method='unified')")
+            _, batches = self._batches(gm, ctx)
+            self._greedy = _Greedy(gm, units, batches, self.drop_cache, self.kind, self.say)
         times = _node_times(gm, ctx, self.length)
         total = sum(times.values())
         for u in units:
@@ -167,15 +180,28 @@ class LayerSkip(Pass):
         return length, ctx.calibration_data.batches(length, self.calibration_count)
 
     def _rank(self, gm: fx.GraphModule, blocks: Blocks, units: list[Unit], ctx: Any) -> None:
-        length, batches = self._batches(gm, ctx)
-        start = time.perf_counter()
-        per_sublayer, per_block = stream_similarity(gm, blocks, batches)
-        self.say(f"measured {len(units)} {self.kind} units on {len(batches)} windows of {length} tokens ({time.perf_counter() - start:.0f} s)")
+        per_sublayer, per_block = self._similarities(gm, blocks, ctx)
         for u in units:
             if self.kind == "block":
                 u.similarity = per_block[u.sublayers[0].block]
             else:
                 u.similarity = per_sublayer[u.sublayers[0].index]
+
+    def _similarities(self, gm: fx.GraphModule, blocks: Blocks, ctx: Any) -> tuple[list[float], list[float]]:
+        """Stream similarity of every sublayer and block on calibration inputs; stored under the
+        weights' fingerprint, so another `kind` or count (a planner's next candidate) reuses it."""
+        length = static_length(gm) or self.calibration_length
+        key = hashlib.sha256(repr((_SIMILARITY_VERSION, length, self.calibration_count, len(blocks.sublayers), weights_fingerprint(gm))).encode()).hexdigest()
+        store = Store()
+        cached = store.get("layer_skip_similarity", key)
+        if cached is not None:
+            return cached[0], cached[1]
+        _, batches = self._batches(gm, ctx)
+        start = time.perf_counter()
+        per_sublayer, per_block = stream_similarity(gm, blocks, batches)
+        self.say(f"measured {len(blocks.sublayers)} sublayers on {len(batches)} windows of {length} tokens ({time.perf_counter() - start:.0f} s)")
+        store.put("layer_skip_similarity", key, [list(map(float, per_sublayer)), list(map(float, per_block))])
+        return per_sublayer, per_block
 
     def _order(self, units: list[Unit], method: str, n: int) -> list[Unit]:
         """The n units to skip."""
@@ -183,6 +209,8 @@ class LayerSkip(Pass):
             return []
         if method == "similarity":
             return sorted(units, key=lambda u: -(u.similarity or 0.0))[:n]
+        if method == "greedy":
+            return self._greedy.prefix(n)
         middle = units[self.keep_first : len(units) - self.keep_last]
         if n > len(middle):
             raise UserInputError(f"layer_skip: unified skipping keeps the first {self.keep_first} and last {self.keep_last} units; at most {len(middle)} of {len(units)} can go, not {n}")
@@ -196,7 +224,7 @@ class LayerSkip(Pass):
             if missing:
                 raise UserInputError(f"layer_skip: no {self.kind} unit named {', '.join(missing)}; the graph has {', '.join(known)}")
             return [known[n] for n in self.names]
-        limit = len(units) if method == "similarity" else max(0, len(units) - self.keep_first - self.keep_last)
+        limit = len(units) if method in ("similarity", "greedy") else max(0, len(units) - self.keep_first - self.keep_last)
         if self.count is not None or self.fraction is not None:
             n = self.count if self.count is not None else round(self.fraction * len(units))
             if n > len(units):
@@ -220,6 +248,12 @@ class LayerSkip(Pass):
             return []
         if getattr(ctx, "calibration_data", None) is None:
             raise UserInputError("layer_skip: choosing units within a quality budget needs calibration data (or give count, fraction or speedup)")
+        if method == "greedy":  # every prefix is measured as it grows: stop at the first that does not fit
+            n = 0
+            while n < limit and budget.allows(*self._greedy.quality(n + 1)):
+                n += 1
+            result.stats["calibration_quality"] = self._greedy.report()
+            return self._greedy.prefix(n)
         _, batches = self._batches(gm, ctx)
         reference = [_lm_outputs(gm, b) for b in batches]
         measured: dict[int, tuple[float, float]] = {}
@@ -239,6 +273,45 @@ class LayerSkip(Pass):
                 hi = mid - 1
         result.stats["calibration_quality"] = {str(n): {"ppl_increase": q[0], "top1_agreement": q[1]} for n, q in sorted(measured.items())}
         return self._order(units, method, lo)
+
+
+class _Greedy:
+    """The greedy order, grown on demand: step k skips, among the units left, the one whose
+    removal together with the k-1 already chosen gives the lowest calibration perplexity."""
+
+    def __init__(self, gm: fx.GraphModule, units: list[Unit], batches: list[list[Any]], drop_cache: bool, kind: str, say: Any) -> None:
+        self.gm, self.units, self.batches, self.drop_cache, self.kind, self.say = gm, units, batches, drop_cache, kind, say
+        self.reference = [_lm_outputs(gm, b) for b in batches]
+        self.order: list[Unit] = []
+        self.measured: list[tuple[float, float]] = []  # quality of each prefix, by length - 1
+
+    def prefix(self, n: int) -> list[Unit]:
+        while len(self.order) < min(n, len(self.units)):
+            self._step()
+        return self.order[:n]
+
+    def quality(self, n: int) -> tuple[float, float]:
+        """(ppl increase, top-1 agreement) with the first n units of the order skipped."""
+        self.prefix(n)
+        return self.measured[n - 1] if n > 0 else (0.0, 1.0)
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        return {str(k + 1): {"unit": u.name, "ppl_increase": q[0], "top1_agreement": q[1]} for k, (u, q) in enumerate(zip(self.order, self.measured))}
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        best: tuple[tuple[float, float], Unit] | None = None
+        taken = {u.name for u in self.order}
+        for u in self.units:
+            if u.name in taken:
+                continue
+            q = _quality(_skipped_copy(self.gm, [*self.order, u], self.drop_cache), self.batches, self.reference)
+            if best is None or q[0] < best[0][0]:
+                best = (q, u)
+        assert best is not None
+        self.order.append(best[1])
+        self.measured.append(best[0])
+        self.say(f"greedy step {len(self.order)}: {best[1].name} (calibration ppl {best[0][0]:+.2%}, top-1 {best[0][1]:.3f}; {time.perf_counter() - start:.0f} s)")
 
 
 # -- rewriting ------------------------------------------------------------------------------------
@@ -329,7 +402,7 @@ def _node_times(gm: fx.GraphModule, ctx: Any, length: int) -> dict[str, float]:
 
         model = CostModel("host")
     estimate = model.graph(gm)
-    estimate = estimate.at({s: length for s in estimate.symbols})
+    estimate = estimate.at_length(length)
     return {e.name: float(e.time) for e in estimate.estimates}
 
 

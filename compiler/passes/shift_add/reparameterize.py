@@ -40,7 +40,7 @@ import torch.fx as fx
 
 from compiler.cache import cache_dir
 from compiler.calibration import record, static_length
-from compiler.cost_model.rules import TensorInfo, node_cost
+from compiler.cost_model.rules import TensorInfo, node_cost, op_cost
 from compiler.errors import UserInputError
 from compiler.ops import shift_add as ops
 from compiler.passes.base import Pass, PassResult
@@ -125,6 +125,22 @@ class ShiftAdd(Pass):
         return result
 
     # -- which layers -------------------------------------------------------------------------
+
+    def predicted_time(self, gm: fx.GraphModule, cost_model: Any, rows: int) -> tuple[float, float]:
+        """(dense, shift-add) predicted seconds of the eligible linear layers at `rows` rows of
+        activations, from shapes alone: what a planner asks before paying for the fitting. At
+        prefill's rows the dense GEMM is compute-bound and the lookups lose; at a decode step's
+        (rows = 1) the weight bytes decide and shift-add wins."""
+        dense = lut = 0.0
+        bits = self.bits or ALLOCATION_BITS[0]
+        for site in self._eligible(gm, PassResult()):
+            n, k = site.matrix(gm).shape
+            dtype = site.x.meta["val"].dtype
+            x = TensorInfo((rows, k), dtype)
+            dense += float(cost_model.estimate(op_cost(aten.mm.default, [x, TensorInfo((k, n), dtype, constant=True)], {}, [TensorInfo((rows, n), dtype)]).work).time)
+            infos = (x, TensorInfo((bits, n, k // 8), torch.uint8, constant=True), TensorInfo((bits, n, k // self.group), torch.uint8, constant=True), TensorInfo((n,), torch.float32, constant=True))
+            lut += float(cost_model.estimate(ops.shiftadd_linear.cost(*infos).work).time)
+        return dense, lut
 
     def _eligible(self, gm: fx.GraphModule, result: PassResult) -> list[LinearSite]:
         sites, others = linear_sites(gm)

@@ -57,7 +57,7 @@ from compiler.cache import Store
 from compiler.cost_model.rules import TensorInfo
 from compiler.cost_model.symbolic import L, crossover
 from compiler.errors import UserInputError
-from compiler.ir import at_hints
+from compiler.ir import at_hints, weights_fingerprint
 from compiler.ops import block_sparse_attention as BLOCK_SPARSE_ATTENTION
 from compiler.ops import causal_attention as CAUSAL_ATTENTION
 from compiler.ops import sparse_attention_layout as SPARSE_LAYOUT
@@ -68,7 +68,7 @@ from compiler.passes.sparse import calibrate
 
 METHODS = ("calibrated", "duo", "streaming", "vertical_slash", "block_topk")
 # Bumped when calibration computes something different, so stored results are not reused.
-_CALIBRATION_VERSION = 2
+_CALIBRATION_VERSION = 3
 
 
 class SparseAttention(Pass):
@@ -163,11 +163,25 @@ class SparseAttention(Pass):
 
     def _patterns(self, gm: fx.GraphModule, sites: list[Any], ctx: Any, length: int) -> list[tuple[list[HeadPattern], float]]:
         """Per site: the head patterns and their mean density on calibration text."""
+        patterns = [self.fixed_pattern] if self.fixed_pattern else calibrate.candidates(self.method)
+        scores = self._scores(gm, sites, ctx, length, patterns)
+        out = []
+        for r, d, rr in scores:
+            if self.fixed_pattern is not None:
+                out.append(([self.fixed_pattern] * r.shape[1], float(d[0].mean())))
+                continue
+            chosen = calibrate.choose(r, d, patterns, self.recall, rr, self.retrieval_recall)
+            out.append(([c[0] for c in chosen], sum(c[2] for c in chosen) / len(chosen)))
+        return out
+
+    def _scores(self, gm: fx.GraphModule, sites: list[Any], ctx: Any, length: int, patterns: list[HeadPattern]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Per site: every candidate pattern's recall and density per head on calibration text,
+        and its recall on retrieval prompts (None without them). Stored: they do not depend on
+        `recall`, so a planner that tries several recalls calibrates once."""
         store, key = Store(), self._cache_key(gm, sites, length, ctx.calibration_data.has_retrieval)
         cached = store.get("sparse_attention", key)
         if cached is not None:
-            return [([HeadPattern(**h) for h in heads], density) for heads, density in cached]
-        patterns = [self.fixed_pattern] if self.fixed_pattern else calibrate.candidates(self.method)
+            return [(torch.tensor(r), torch.tensor(d), None if rr is None else torch.tensor(rr)) for r, d, rr in cached]
         recall: dict[int, torch.Tensor] = {}
         density: dict[int, torch.Tensor] = {}
 
@@ -187,36 +201,16 @@ class SparseAttention(Pass):
 
         if prompts:
             calibrate.collect_qk(gm, sites, prompts, on_prompt)
-        out = []
-        for i in range(len(sites)):
-            r, d = recall[i] / len(batches), density[i] / len(batches)
-            if self.fixed_pattern is not None:
-                heads = [self.fixed_pattern] * r.shape[1]
-                out.append((heads, float(d[0].mean())))
-                continue
-            rr = retrieval[i] / len(prompts) if prompts else None
-            chosen = calibrate.choose(r, d, patterns, self.recall, rr, self.retrieval_recall)
-            out.append(([c[0] for c in chosen], sum(c[2] for c in chosen) / len(chosen)))
-        store.put("sparse_attention", key, [([vars(h) for h in heads], dens) for heads, dens in out])
+        out = [(recall[i] / len(batches), density[i] / len(batches), retrieval[i] / len(prompts) if prompts else None) for i in range(len(sites))]
+        store.put("sparse_attention", key, [(r.tolist(), d.tolist(), None if rr is None else rr.tolist()) for r, d, rr in out])
         return out
 
     def _cache_key(self, gm: fx.GraphModule, sites: list[Any], length: int, retrieval: bool) -> str:
         shapes = [(s.q_heads, s.kv_heads, s.head_dim) for s in sites]
-        options = {k: v for k, v in self.config().items() if k != "min_length"}  # not used by calibration
+        # what the scores do not depend on: the choice made from them, and when to apply
+        options = {k: v for k, v in self.config().items() if k not in ("min_length", "recall", "retrieval_recall")}
         text = repr((_CALIBRATION_VERSION, options, length, retrieval, shapes, weights_fingerprint(gm)))
         return hashlib.sha256(text.encode()).hexdigest()
-
-
-def weights_fingerprint(gm: fx.GraphModule) -> str:
-    """A hash of the graph's constants: names, shapes, dtypes and a strided sample of values
-    (hashing every byte of a 540 MB model would take a second per compile)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted({**dict(gm.named_parameters()), **dict(gm.named_buffers())}.items()):
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().contiguous()
-        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()
 
 
 def _why_not(site: Any) -> str | None:
