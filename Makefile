@@ -1,5 +1,5 @@
 # Two entry points, both idempotent on a fresh machine:
-#   make demo  - set up, then run `optimize` on the real model (SmolLM2-135M) for h100
+#   make demo  - set up, then plan and run `optimize` on the real model (SmolLM2-135M) for h100 within ppl:+2%
 #   make test  - set up, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/optimize examples/smollm2.py --target h100 --out out/smollm2-h100
+	$(BIN)/optimize examples/smollm2.py --target h100 --budget ppl:+2% --out out/smollm2-h100
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="lossless", help="quality budget: lossless, ppl:+2%%, agreement:98%%")
     p.add_argument("--out", help="output folder (default: out/<model>-<target>)")
     p.add_argument("--length", type=int, default=4096, help="sequence length to plan, price and time the prefill at (default 4096)")
+    p.add_argument("--families", help="lossy families the planner searches (default: all; known: layer_skip, sparse_attention, shift_add)")
     p.add_argument("--windows", type=int, default=2, help="windows of --length tokens per quality measurement (default 2)")
     p.add_argument("--remeasure", action="store_true", help="ignore stored planner and quality measurements (and store the new ones)")
     p.add_argument("--no-speed", action="store_true", help="on --target host, do not time eager against compiled")
@@ -156,10 +157,18 @@ def run(argv: Sequence[str] | None = None) -> int:
         options = CompileOptions.make(options.target, options.budget, options.passes, options.disable, pipeline=options.pipeline, length=length)
     planned = None
     if not options.budget.lossless and options.passes is None:
-        from compiler.planner import Planner
+        from compiler.planner import FAMILIES, Planner
+
+        families = None
+        if args.families:
+            names = [f.strip() for f in args.families.split(",") if f.strip()]
+            unknown = sorted(set(names) - set(FAMILIES))
+            if unknown:
+                raise UserInputError(f"--families: unknown {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
+            families = {name: FAMILIES[name] for name in names}
 
         say(f"planning for {options.target.name} within {options.budget} at {length} tokens")
-        planner = Planner(options.target, options.budget, calibration, length=length, pipeline=user_pipeline, quality_count=args.windows,
+        planner = Planner(options.target, options.budget, calibration, length=length, families=families, pipeline=user_pipeline, quality_count=args.windows,
                           store=_FreshStore() if args.remeasure else store, progress=not args.quiet, say=say)
         planned = planner.plan(captured.gm)
         pipeline = planned.pipeline()
@@ -200,7 +209,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             speed["predicted_speedup"] = result.cost.plan_entry().get("predicted_speedup")
 
     write_artifacts(result, out)
-    onnx = _export_onnx(result, sample, candidate, out, say) if not args.no_onnx else {"skipped": "--no-onnx"}
+    onnx = _export_onnx(result, sample, out, say) if not args.no_onnx else {"skipped": "--no-onnx"}
     plan_path = out / "plan.json"
     plan = json.loads(plan_path.read_text())
     plan["model_file"] = str(args.model_file)
@@ -238,30 +247,54 @@ class _FreshStore:
         Store().put(namespace, key, value)
 
 
-def _export_onnx(result: Any, sample: Sequence[Any], expected: Any, out: Path, say: Any) -> dict[str, Any]:
-    """model.onnx from the optimized IR, checked in onnxruntime against the compiled model; a
-    failure is reported (and warned about), never fatal to the other artifacts."""
+def _export_onnx(result: Any, sample: Sequence[Any], out: Path, say: Any) -> dict[str, Any]:
+    """model.onnx from the optimized IR (symbolic in the sequence length where the graph is,
+    else at the example's shapes), checked in onnxruntime against the compiled model on the
+    example inputs. The exported file is kept in the cache under the IR's fingerprint, so a
+    rerun copies it (the check runs again). A failure is reported and warned about, never fatal
+    to the other artifacts."""
+    import hashlib
+    import shutil
     import warnings
 
-    say("exporting the optimized graph to ONNX and checking it in onnxruntime")
+    import torch
+
+    from compiler.cache import Store, cache_dir
+    from compiler.ir import graph_text, weights_fingerprint
+
+    path = out / "model.onnx"
     try:
         from compiler.export_onnx import check_onnx, export_onnx
 
-        with torch_no_grad():
-            expected_flat = result.executable(*sample)
-        exported = export_onnx(result.ir, sample, out / "model.onnx")
-        check = check_onnx(out / "model.onnx", sample, expected_flat)
-        info = exported.as_dict() if hasattr(exported, "as_dict") else {"path": str(out / "model.onnx")}
-        return {**info, "check": check}
+        key = hashlib.sha256(repr((1, graph_text(result.ir), weights_fingerprint(result.ir))).encode()).hexdigest()[:32]
+        kept, store = cache_dir("onnx") / f"{key}.onnx", Store()
+        info = store.get("onnx_export", key)
+        if info is not None and kept.is_file():
+            say("model.onnx: the same optimized graph was exported before; copying it")
+            shutil.copyfile(kept, path)
+            info = {**info, "from_cache": True}
+        else:
+            say("exporting the optimized graph to ONNX (compiler ops as custom-domain functions)")
+            try:
+                exported = export_onnx(result.ir, sample, path, dynamic=True)
+            except UserInputError as exc:
+                say(f"a symbolic-length export was refused ({exc}); exporting at the example's shapes")
+                exported = export_onnx(result.ir, sample, path, dynamic=False)
+            info = {
+                "path": "model.onnx", "domain": exported.domain, "opset": exported.opset, "dynamic": exported.dynamic,
+                "functions": exported.function_calls(), "regions_inlined": exported.regions_inlined, "nodes": exported.nodes,
+                "max_abs_error_vs_ir": exported.max_abs_error, "export_seconds": round(exported.seconds, 1), "notes": exported.notes,
+            }
+            shutil.copyfile(path, kept)
+            store.put("onnx_export", key, info)
+            info = {**info, "from_cache": False}
+        with torch.no_grad():
+            expected = result.executable(*sample)
+        check = check_onnx(path, sample, expected)
+        return {**info, "check": {"against": "the compiled model on example_inputs()", "ok": check["ok"], "max_abs_error": check["max_abs_error"], "why": check.get("why", "")}}
     except Exception as exc:  # noqa: BLE001 - reported in plan.json and report.md
         warnings.warn(f"ONNX export failed: {type(exc).__name__}: {exc}", stacklevel=2)
         return {"error": f"{type(exc).__name__}: {exc}"}
-
-
-def torch_no_grad() -> Any:
-    import torch
-
-    return torch.no_grad()
 
 
 def _finish_report(out: Path, planned: Any, evaluation: Any, speed: Any, onnx: dict[str, Any], error: float) -> None:
@@ -282,7 +315,14 @@ def _finish_report(out: Path, planned: Any, evaluation: Any, speed: Any, onnx: d
         extra += f"Not exported ({onnx['skipped']}).\n"
     else:
         check = onnx.get("check", {})
-        extra += f"`model.onnx`: compiler ops as functions of domain `{onnx.get('domain', '')}`; onnxruntime against the compiled model: max abs error {check.get('max_abs_error', float('nan')):.3g} ({'ok' if check.get('ok') else 'MISMATCH'}).\n"
+        functions = ", ".join(f"`{name}` x{n}" for name, n in onnx.get("functions", {}).items()) or "none"
+        shapes = "a symbolic sequence length" if onnx.get("dynamic") else "the example's shapes"
+        verdict = "ok" if check.get("ok") else f"MISMATCH: {check.get('why')}"
+        extra += (
+            f"`model.onnx` (opset {onnx.get('opset')}, {shapes}): compiler ops as functions of domain `{onnx.get('domain', '')}` "
+            f"built from their reference implementations ({functions}). onnxruntime against the compiled model on "
+            f"example_inputs(): max abs error {check.get('max_abs_error', float('nan')):.3g} ({verdict}).\n"
+        )
     extra += f"\n## Check against eager\n\nMax abs error of the outputs on example_inputs(): {error:.3g}\n"
     text += extra
     (out / "report.md").write_text(text)

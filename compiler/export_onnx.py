@@ -1,45 +1,53 @@
 """Export the optimized IR to ONNX, with every compiler op as an ONNX function of our own domain.
 
-    IR (after the passes) --copy, inline fused regions, bake non-tensor inputs-->  ATen graph
-        --torch.export + torch.onnx.export(dynamo=True, custom_translation_table)-->  ModelProto
-        in which each `compiler::<op>` call is ONE node `ai.ml_compiler::<op_type>`
-        + one FunctionProto per op_type, its body exported from the op's reference
-        --onnx.checker (full_check), onnxruntime per function and for the whole model-->  file
+    IR (after the passes) --copy; inline fused regions; bake in non-tensor inputs-->  ATen graph
+      --torch.export, torch.onnx.export(dynamo=True, custom_translation_table)-->  ModelProto in
+        which each `compiler::<op>` call is ONE node `ai.ml_compiler::<op_type>`
+      + one FunctionProto per op_type, its body exported from the op's reference
+      --checked: each function and the whole model in onnxruntime, onnx.checker-->  file
 
 Why functions in a custom domain. A compiler op is the unit the passes reason about and the
 backends lower (a Triton or TVM kernel per op). Exporting it as one node of `ai.ml_compiler`
 keeps that unit visible in the ONNX file: a runtime with its own kernel for `causal_attention`
 can take the node whole, and the graph reads as the compiler's IR does. ONNX model-local
-functions give the same node a portable meaning: a runtime without a kernel inlines the body
-(onnxruntime does), so the file runs anywhere and no ONNX custom-op library is needed.
+functions give the same node a portable meaning: a runtime without such a kernel inlines the
+body (onnxruntime does), so the file runs anywhere, with no custom-op library.
 
-Why the bodies come from the references. Each `CompilerOp` has a plain-torch `reference`, the
-op's meaning (see `compiler.ops.registry`). For every distinct call signature (the op, its
-tensor arguments' shapes and dtypes, its non-tensor arguments) the reference is wrapped in a
-small module with the non-tensor arguments baked in, exported with the same exporter at the
-call's shapes, and its graph becomes the FunctionProto (initializers turned into Constant
-nodes). A signature with other shapes or scalars gets its own op_type, `<op>_<i>`, because the
-body is specialized to them (the scalars are listed in the function's doc string). So there is
-no second, hand-written ONNX version of an op that could drift from the one the compiler runs.
+How the bodies are built. Each `CompilerOp` has a plain-torch `reference`, the op's meaning
+(`compiler.ops.registry`). For every distinct call signature (the op, its tensor arguments'
+dtypes and shapes, its other arguments' values) the reference is wrapped in a small module
+with the non-tensor arguments baked in, exported by the same exporter at the call's shapes,
+and its graph becomes the FunctionProto (initializers turned into Constant nodes). A body is
+specialized to its scalars and shapes, so each signature gets its own op_type: the op's name,
+or `<op>_<i>` when an op has several (the function's doc string lists the baked-in scalars).
+There is no second, hand-written ONNX version of an op that could drift from what the
+compiler runs. Fused regions are plain ATen graphs: they are inlined and exported as such.
 
-The one exception is a reference that branches on tensor values (a fast path taken when a
-padding mask is all ones): torch.export cannot trace that, and tracing the branch the sample
-took would be wrong for other inputs. `TRACEABLE_REFERENCES` holds, for those ops, the
-reference's general branch written without the test (the same math on every input; the tests
-compare each with the reference on inputs that take both branches). An op whose reference
-cannot be traced and that has no entry there is refused with a `UserInputError` naming it.
+One exception: a reference that branches on tensor values (a fast path when a padding mask is
+all ones) cannot be traced by torch.export, and tracing the branch the sample took would be
+wrong for other inputs. `TRACEABLE_REFERENCES` holds, for those ops, the reference's general
+branch without the test (the same math on every input; the tests compare each with the
+reference on inputs that take each branch). An op whose reference cannot be traced and has no
+entry there is refused with a `UserInputError` that names it, as is any custom op outside the
+`compiler` namespace (no reference) and any ATen op torchlib cannot translate.
+`_aten_translations` fills the few ATen gaps the references hit (`x >> y` of two tensors,
+unsigned shifts, `empty_permuted`).
 
-How it is checked. `export_onnx` runs the IR once on the sample inputs and records the
-arguments every compiler op receives; each function is then run alone in onnxruntime on the
-arguments of its first call site and compared with the reference's output, before anything is
-written. The whole model goes through `onnx.checker.check_model(full_check=True)` (types and
-shapes inferred through the function bodies). `check_onnx` runs the saved file in onnxruntime
-and compares every output with the compiled model's.
+How it is checked. `export_onnx` first runs the IR on the sample inputs, recording what every
+compiler op receives; before anything is written, onnxruntime runs each function alone on its
+first call's arguments against the reference, and the whole model on the sample inputs against
+the IR's outputs; `onnx.checker.check_model(full_check=True)` infers types and shapes through
+the function bodies. A mismatch raises `CompilerError`. `check_onnx` runs a saved file and
+compares every output with the compiled model's (or anything else's).
 
-Shapes. By default the model is exported at the sample inputs' static shapes. With
-`dynamic=True` every dimension the IR holds symbolically (a graph captured with
+Shapes. By default the model takes exactly the sample inputs' static shapes. With
+`dynamic=True`, every dimension the IR holds symbolically (a graph captured with
 `dynamic_shapes`) stays symbolic in the model and in the function bodies; a dimension that
-torch.export specializes while re-exporting raises a `UserInputError`.
+torch.export specializes while re-exporting, or a compiler op taking a symbolic scalar, raises
+a `UserInputError`. Non-tensor inputs (`use_cache=False`) are always baked in.
+
+Size. Weights are initializers; above 1 GiB the file is saved with external data (protobuf
+stops at 2 GiB), next to it as `<name>.data`.
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ import torch.nn.functional as F
 import compiler.ops  # noqa: F401 - registers torch.ops.compiler.*
 from compiler.errors import CompilerError, UserInputError
 from compiler.ir import copy_graph_module, recompile
-from compiler.ops.registry import NAMESPACE, CompilerOp, op_for_target
+from compiler.ops.registry import NAMESPACE, CompilerOp, compiler_ops, op_for_target
 
 DOMAIN = "ai.ml_compiler"
 DOMAIN_VERSION = 1
@@ -217,6 +225,7 @@ class OnnxExport:
     nodes: int  # nodes of the main graph
     op_types: dict[str, int]  # main-graph nodes per "domain::op_type"
     external_data: bool
+    max_abs_error: float | None  # onnxruntime against the IR on the sample inputs (None: unchecked)
     seconds: float
     notes: list[str] = field(default_factory=list)
 
@@ -231,6 +240,7 @@ class OnnxExport:
             f"inputs: {', '.join(self.inputs)}",
             f"outputs: {', '.join(self.outputs)}",
             f"fused regions inlined: {self.regions_inlined}",
+            "max |ort - IR| on the sample: " + ("unchecked" if self.max_abs_error is None else f"{self.max_abs_error:.2e}"),
         ]
         for f in self.functions:
             err = "unchecked" if f.max_abs_error is None else f"max |ort - reference| = {f.max_abs_error:.2e}"
@@ -377,12 +387,13 @@ def _dims(shape: Sequence[Any]) -> tuple[int | None, ...]:
     return tuple(d if isinstance(d, int) else None for d in shape)
 
 
-def _signature(op: str, args: Sequence[Any], describe: Callable[[Any], Any]) -> tuple[Any, ...]:
+def _signature(op: str, args: Sequence[Any], describe: Callable[[int, Any], Any]) -> tuple[Any, ...]:
     """What makes one function body: the op, each tensor argument's (dtype, dims) and each
-    other argument's value. `describe` gives a tensor's (dtype, dims) or None for a non-tensor."""
+    other argument's value. `describe(i, arg)` gives a tensor's (dtype, dims), else None; the
+    torch side (recorded calls) and the ONNX side (the translation) must agree on it."""
     parts: list[Any] = [op]
-    for a in args:
-        d = describe(a)
+    for i, a in enumerate(args):
+        d = describe(i, a)
         parts.append(("tensor", *d) if d is not None else ("const", _hashable(a)))
     return tuple(parts)
 
@@ -395,23 +406,18 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def _describe_torch(dynamic_dims: dict[int, tuple[int | None, ...]]) -> Callable[[Any], Any]:
-    def describe(a: Any) -> Any:
-        if isinstance(a, torch.Tensor):
-            return (str(a.dtype).removeprefix("torch."), dynamic_dims.get(id(a), tuple(a.shape)))
-        return None
-
-    return describe
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
-def _describe_onnx(a: Any) -> Any:
+def _describe_onnx(i: int, a: Any) -> Any:
     import onnx_ir as ir
     from onnx_ir.tensor_adapters import to_torch_dtype
 
     if isinstance(a, ir.Value):
         if a.dtype is None or a.shape is None:
-            raise CompilerError(f"export_onnx: an argument of a compiler op has no type in the exported graph ({a})")
-        return (str(to_torch_dtype(a.dtype)).removeprefix("torch."), _dims(a.shape))
+            raise CompilerError(f"export_onnx: argument {i} of a compiler op has no type in the exported graph ({a})")
+        return (_dtype_name(to_torch_dtype(a.dtype)), _dims(a.shape))
     return None
 
 
@@ -420,7 +426,6 @@ class _Config:
     """One call signature and what it becomes."""
 
     op: CompilerOp
-    key: tuple[Any, ...]
     args: list[Any]  # the first call's bound arguments (real tensors)
     output: Any  # the op's output on them
     tensor_slots: list[int]  # positions of the tensor arguments
@@ -434,8 +439,11 @@ class _Config:
         return {names[i]: a for i, a in enumerate(self.args) if i not in self.tensor_slots}
 
 
-def _record_calls(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], dynamic: bool) -> dict[tuple[Any, ...], _Config]:
-    """Run the graph on the sample inputs; group every compiler op call by signature."""
+def _record_calls(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], dynamic: bool) -> tuple[dict[tuple[Any, ...], _Config], Any]:
+    """Run the graph on the sample inputs and group every compiler op call by signature; the
+    first call of each keeps its arguments and output (to export and check the body with).
+    Each signature gets its op_type: the op's name, or `<name>_<i>` when it has several.
+    Returns the signatures and the graph's outputs."""
     configs: dict[tuple[Any, ...], _Config] = {}
 
     class Recorder(fx.Interpreter):
@@ -447,28 +455,39 @@ def _record_calls(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], dynamic: b
             out = super().call_function(target, args, kwargs)
             op = op_for_target(target)
             if op is not None:
-                node = self.node
-                bound = _bound_args(target, args, kwargs)
-                metas = _bound_args(target, *_meta_args(node))
-                symbolic = {id(a): _dims(m.shape) for a, m in zip(bound, metas) if isinstance(a, torch.Tensor) and isinstance(m, torch.Tensor)}
-                key = _signature(op.name, bound, _describe_torch(symbolic if dynamic else {}))
-                if key in configs:
-                    configs[key].calls += 1
-                else:
-                    slots = [i for i, a in enumerate(bound) if isinstance(a, torch.Tensor)]
-                    dims = [symbolic.get(id(bound[i]), tuple(bound[i].shape)) if dynamic else tuple(bound[i].shape) for i in slots]
-                    configs[key] = _Config(op, key, bound, out, slots, dims)
+                metas = _bound_args(target, *_meta_args(self.node))
+                _add_call(configs, op, _bound_args(target, args, kwargs), metas, out, dynamic)
             return out
 
     with torch.no_grad():
-        Recorder(gm).run(*inputs)
+        outputs = Recorder(gm).run(*inputs)
     by_op: dict[str, list[_Config]] = {}
     for cfg in configs.values():
         by_op.setdefault(cfg.op.name, []).append(cfg)
     for name, group in by_op.items():
         for i, cfg in enumerate(group):
             cfg.op_type = name if len(group) == 1 else f"{name}_{i}"
-    return configs
+    return configs, outputs
+
+
+def _add_call(configs: dict[tuple[Any, ...], _Config], op: CompilerOp, args: list[Any], metas: list[Any], out: Any, dynamic: bool) -> None:
+    """Count one call under its signature. The dims come from the IR's metadata when the
+    export is dynamic (None where symbolic), from the real arguments otherwise."""
+    slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    dims = {i: _dims(metas[i].shape) if dynamic and isinstance(metas[i], torch.Tensor) else tuple(args[i].shape) for i in slots}
+    if dynamic:
+        for i, m in enumerate(metas):
+            if isinstance(m, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                raise UserInputError(
+                    f"export_onnx: compiler::{op.name} takes argument {op.overload._schema.arguments[i].name} as a symbolic "
+                    "scalar; a function body bakes scalars in, so export with dynamic=False"
+                )
+    key = _signature(op.name, args, lambda i, a: (_dtype_name(a.dtype), dims[i]) if i in dims else None)
+    if key in configs:
+        configs[key].calls += 1
+    else:
+        configs[key] = _Config(op, args, out, slots, [dims[i] for i in slots])
+    _output_count(out)
 
 
 def _meta_args(node: fx.Node) -> tuple[Any, Any]:
@@ -717,8 +736,6 @@ def op_call_model(op: str | CompilerOp, args: Sequence[Any], *, opset: int = DEF
     """A one-node ONNX model (ModelProto) that calls `op`'s function at these arguments, as
     `export_onnx` builds it: the tensors are the model's inputs, the rest is baked into the
     body. For testing a function on inputs of one's choosing (`run_onnx(model, tensors)`)."""
-    from compiler.ops import compiler_ops
-
     if isinstance(op, str):
         if op not in compiler_ops():
             raise UserInputError(f"op_call_model: no compiler op {op!r}; known: {', '.join(sorted(compiler_ops()))}")
@@ -727,7 +744,7 @@ def op_call_model(op: str | CompilerOp, args: Sequence[Any], *, opset: int = DEF
     with torch.no_grad():
         output = op.overload(*bound)
     slots = [i for i, a in enumerate(bound) if isinstance(a, torch.Tensor)]
-    cfg = _Config(op, (), bound, output, slots, [tuple(bound[i].shape) for i in slots], op_type=op.name)
+    cfg = _Config(op, bound, output, slots, [tuple(bound[i].shape) for i in slots], op_type=op.name)
     return _call_model(_build_function(cfg, opset, dynamic=False), cfg)
 
 
@@ -741,7 +758,7 @@ def export_onnx(
     *,
     dynamic: bool = False,
     opset: int = DEFAULT_OPSET,
-    check_functions: bool = True,
+    check: bool = True,
     rtol: float = 1e-4,
     atol: float = 1e-4,
 ) -> OnnxExport:
@@ -749,11 +766,11 @@ def export_onnx(
 
     `sample_inputs` are the flat graph inputs (`Captured.flatten_inputs`); non-tensor ones are
     baked in, tensors become the model's inputs in order. Compiler ops become nodes of DOMAIN
-    with one function per call signature (see the module doc); with `check_functions` each
-    function is compared in onnxruntime with its reference on the sample's call (`rtol`,
-    `atol`). `dynamic` keeps the IR's symbolic dimensions symbolic. Raises UserInputError for
-    what cannot be exported (naming the op and the fix) and CompilerError when a check fails;
-    nothing is written then.
+    with one function per call signature (see the module doc). With `check`, before anything is
+    written, onnxruntime runs each function on the sample's call of it against the reference,
+    and the whole model on the sample inputs against the IR (`rtol`, `atol`). `dynamic` keeps
+    the IR's symbolic dimensions symbolic. Raises UserInputError for what cannot be exported
+    (naming the op and the fix) and CompilerError when a check fails; nothing is written then.
     """
     import onnx
 
@@ -761,12 +778,13 @@ def export_onnx(
     path = Path(path)
     prepared, tensors, inlined = _prepare(gm, sample_inputs)
     _check_supported(prepared)
-    configs = _record_calls(prepared, tensors, dynamic)
+    configs, expected = _record_calls(prepared, tensors, dynamic)
     table = {cfg.op.overload: _translation(cfg.op, configs) for cfg in configs.values()}
     ep = _torch_export(prepared, tensors, _dynamic_shapes(prepared) if dynamic else None, "the graph")
     model = _onnx_program(ep, opset, table, "the graph").model_proto
-    functions = _add_functions(model, configs, opset, dynamic, check_functions, rtol, atol)
+    functions = _add_functions(model, configs, opset, dynamic, check, rtol, atol)
     _check_model(model)
+    error = _check_outputs(model, tensors, expected, rtol, atol) if check else None
     external = model.ByteSize() > EXTERNAL_DATA_BYTES
     path.parent.mkdir(parents=True, exist_ok=True)
     if external:
@@ -788,6 +806,7 @@ def export_onnx(
         nodes=len(model.graph.node),
         op_types=_op_types(model),
         external_data=external,
+        max_abs_error=error,
         seconds=time.perf_counter() - start,
         notes=notes,
     )
@@ -818,16 +837,37 @@ def _add_functions(model: Any, configs: dict[tuple[Any, ...], _Config], opset: i
                 op=cfg.op.name,
                 op_type=cfg.op_type,
                 calls=sum(1 for n in model.graph.node if n.domain == DOMAIN and n.op_type == cfg.op_type),
-                inputs=tuple((str(cfg.args[i].dtype).removeprefix("torch."), d) for i, d in zip(cfg.tensor_slots, cfg.symbolic)),
+                inputs=tuple((_dtype_name(cfg.args[i].dtype), d) for i, d in zip(cfg.tensor_slots, cfg.symbolic)),
                 constants=cfg.constants(),
                 body_nodes=len(body.function.node),
                 max_abs_error=error,
             )
         )
+    missing = used - {f.op_type for f in out}
+    if missing:
+        raise CompilerError(f"export_onnx: nodes {sorted(missing)} of {DOMAIN} have no function")
     imports[DOMAIN] = DOMAIN_VERSION
     del model.opset_import[:]
     model.opset_import.extend(helper.make_opsetid(d, v) for d, v in imports.items())
     return out
+
+
+def _check_outputs(model: Any, tensors: Sequence[torch.Tensor], expected: Any, rtol: float, atol: float) -> float | None:
+    """The whole model in onnxruntime on the sample inputs against the IR's outputs; None when
+    the model is too large to run from memory (check the saved file with `check_onnx`)."""
+    if model.ByteSize() > EXTERNAL_DATA_BYTES:
+        return None
+    want = [y for y in _flat(expected) if isinstance(y, torch.Tensor)]
+    got = run_onnx(model, tensors)
+    if len(got) != len(want):
+        raise CompilerError(f"export_onnx: the model has {len(got)} outputs, the IR {len(want)}")
+    worst = 0.0
+    for i, (g, w) in enumerate(zip(got, want)):
+        report = _compare(torch.from_numpy(np.asarray(g)), w, rtol, atol)
+        worst = max(worst, report["max_abs_error"])
+        if not report["ok"]:
+            raise CompilerError(f"export_onnx: output {i} of the ONNX model differs from the IR on the sample inputs ({report['why']}); not writing a wrong model")
+    return worst
 
 
 def _check_model(model: Any) -> None:

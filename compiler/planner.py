@@ -63,6 +63,7 @@ VERSION = 1
 FAMILIES: dict[str, tuple[dict[str, Any], ...]] = {
     "layer_skip": ({"kind": "attention", "count": 1}, {"kind": "attention", "count": 2}, {"kind": "attention", "count": 4}),
     "sparse_attention": ({"recall": 0.99}, {"recall": 0.95}, {"recall": 0.9}),
+    "shift_add": ({"bits": 4, "group": 64}, {"bits": 3, "group": 64}),
 }
 
 
@@ -83,7 +84,7 @@ class Setting:
         if self.family == "sparse_attention":
             from compiler.passes.sparse import SparseAttention
 
-            return SparseAttention(**options)
+            return SparseAttention(**{"calibration_length": length, **options})
         if self.family == "layer_skip":
             from compiler.passes.layer_skip import LayerSkip
 
@@ -296,8 +297,11 @@ class Planner:
         """Why shift-add is left out at this length on this target ('' when it may pay off)."""
         from compiler.passes.shift_add import ShiftAdd
 
-        bits = dict(self.families["shift_add"][0]).get("bits", 3) if self.families["shift_add"] else 3
-        dense, lut = ShiftAdd(bits=bits).predicted_time(gm, self.cost_model, self.length)
+        options = dict(self.families["shift_add"][0]) if self.families["shift_add"] else {}
+        bits = options.get("bits", 4)
+        dense, lut = ShiftAdd(bits=bits, group=options.get("group", 64)).predicted_time(gm, self.cost_model, self.length)
+        if dense <= 0:
+            return "no linear layer with a constant weight that shift-add can take"
         if lut >= dense:
             return f"at {self.length} rows the cost model prices its {bits}-bit lookups at {lut / dense:.2f}x the dense matmuls on {self.target.name} (it pays off on decode steps, rows = 1)"
         return ""
@@ -413,7 +417,10 @@ class Planner:
         return {"ppl_increase": math.exp((nll - nll_ref) / tokens) - 1.0, "top1_agreement": agree / tokens, "tokens": int(tokens)}
 
 
-FAMILY_ORDER = ("layer_skip", "sparse_attention", "shift_add")
+# Sparse attention first: it calibrates on the full graph once (its stored scores then serve every
+# layer-skip count, which would otherwise change the sites and recalibrate); layer skipping finds
+# block-sparse attention sublayers like dense ones.
+FAMILY_ORDER = ("sparse_attention", "layer_skip", "shift_add")
 # Lossless passes left out when ranking: the region partitioner takes ~10-25 s on SmolLM2 per
 # graph and fuses every candidate's elementwise chains alike, so ranking without it keeps the
 # order; the chosen plan is compiled with it, and its report prices the fused graph.

@@ -128,8 +128,10 @@ def test_default_pipeline_llama_matches_the_compiled_model_and_eager(llama_defau
     assert report["ok"], report
     got = run_onnx(path, [x for x in flat if isinstance(x, torch.Tensor)])[0]
     torch.testing.assert_close(torch.from_numpy(got), eager, rtol=MODEL_TOL, atol=MODEL_TOL)
-    # checked at export against the reference on the sample's own call
+    # checked at export: each function against its reference on the sample's own call, the
+    # model against the IR
     assert all(f.max_abs_error is not None and f.max_abs_error <= FUNCTION_TOL for f in export.functions)
+    assert export.max_abs_error is not None and export.max_abs_error <= MODEL_TOL
 
 
 def test_default_pipeline_functions_alone_equal_the_references(llama_default) -> None:

@@ -233,7 +233,7 @@ def test_optimize_with_a_budget_writes_the_whole_folder(tmp_path, monkeypatch):
     (tmp_path / "model.py").write_text(MODEL_SOURCE)
     out = tmp_path / "out"
     monkeypatch.setenv("COMPILER_CACHE_DIR", str(tmp_path / "cache"))
-    argv = [str(tmp_path / "model.py"), "--target", "host", "--budget", "agreement:100%", "--length", "64", "--out", str(out), "--quiet"]
+    argv = [str(tmp_path / "model.py"), "--target", "host", "--budget", "agreement:100%", "--length", "64", "--families", "layer_skip", "--out", str(out), "--quiet"]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         code = main(argv)

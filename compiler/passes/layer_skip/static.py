@@ -189,9 +189,11 @@ class LayerSkip(Pass):
 
     def _similarities(self, gm: fx.GraphModule, blocks: Blocks, ctx: Any) -> tuple[list[float], list[float]]:
         """Stream similarity of every sublayer and block on calibration inputs; stored under the
-        weights' fingerprint, so another `kind` or count (a planner's next candidate) reuses it."""
+        graph's and weights' fingerprints, so another `kind` or count (a planner's next
+        candidate) reuses it."""
         length = static_length(gm) or self.calibration_length
-        key = hashlib.sha256(repr((_SIMILARITY_VERSION, length, self.calibration_count, len(blocks.sublayers), weights_fingerprint(gm))).encode()).hexdigest()
+        graph = hashlib.sha256(str(gm.graph).encode()).hexdigest()
+        key = hashlib.sha256(repr((_SIMILARITY_VERSION, length, self.calibration_count, graph, weights_fingerprint(gm))).encode()).hexdigest()
         store = Store()
         cached = store.get("layer_skip_similarity", key)
         if cached is not None:

@@ -133,7 +133,9 @@ class ShiftAdd(Pass):
         (rows = 1) the weight bytes decide and shift-add wins."""
         dense = lut = 0.0
         bits = self.bits or ALLOCATION_BITS[0]
-        for site in self._eligible(gm, PassResult()):
+        scratch = PassResult()
+        scratch.stats["left"] = []
+        for site in self._eligible(gm, scratch):
             n, k = site.matrix(gm).shape
             dtype = site.x.meta["val"].dtype
             x = TensorInfo((rows, k), dtype)
