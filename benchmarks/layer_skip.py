@@ -4,7 +4,10 @@ SmolLM2-135M (fp32, 30 blocks), target `host`. Sections (`--only`):
 
 - `static`: the `layer_skip` pass removes 10%, 20% and 30% of the attention sublayers, of the
   MLP sublayers and of the whole blocks, ranked by input/output similarity on calibration text
-  (He et al.), plus Unified Layer Skipping's evenly spread blocks. Per row:
+  (He et al.), plus Unified Layer Skipping's evenly spread blocks and the greedy ranking of
+  attention sublayers by measured calibration perplexity (`method="greedy"`, one greedy order
+  grown to the largest fraction; every fraction takes its prefix). `--modes` picks a subset
+  (`attention:greedy block:unified`). Per row:
   - `ppl`, `ppl_increase`, `top1_agreement` against the unmodified model on `--windows` windows
     of `--length` tokens of `abstracts_evaluation.txt` and of `novel_evaluation.txt` (the
     rewritten ATen graph run as is, against the captured graph);
@@ -46,7 +49,7 @@ from benchmarks.common import capture_lm_forward, env_info, finish, load_smollm2
 
 SECTIONS = ("static", "dynamic")
 TEXTS = ("abstracts_evaluation", "novel_evaluation")
-MODES = (("attention", "similarity"), ("mlp", "similarity"), ("block", "similarity"), ("block", "unified"))
+MODES = (("attention", "similarity"), ("attention", "greedy"), ("mlp", "similarity"), ("block", "similarity"), ("block", "unified"))
 
 
 def _log(msg: str) -> None:
@@ -87,14 +90,19 @@ class Models:
         return Calibration(make).with_flatten(self.full.flatten_example)
 
 
-def _skip(gm: Any, names: list[str] | None, kind: str, method: str, fraction: float, calibration: Any, length: int) -> tuple[Any, dict[str, Any]]:
+def _skip(gm: Any, names: list[str] | None, kind: str, method: str, fraction: float, calibration: Any, length: int, count: int | None = None) -> tuple[Any, dict[str, Any]]:
     """A copy of gm with the pass applied: (graph, the pass's stats)."""
     from compiler.ir import copy_graph_module
     from compiler.passes.layer_skip import LayerSkip
     from compiler.passes.pipeline import PassContext
 
     out = copy_graph_module(gm)
-    p = LayerSkip(kind=kind, method=method, names=names, length=length, say=_log) if names is not None else LayerSkip(kind=kind, method=method, fraction=fraction, length=length, say=_log)
+    if names is not None:
+        p = LayerSkip(kind=kind, method=method, names=names, length=length, say=_log)
+    elif count is not None:
+        p = LayerSkip(kind=kind, method=method, count=count, length=length, say=_log)
+    else:
+        p = LayerSkip(kind=kind, method=method, fraction=fraction, length=length, say=_log)
     result = p.run(out, PassContext(target="host", calibration_data=calibration))
     return out, result.stats
 
@@ -118,7 +126,7 @@ def _predicted(baseline: Any, candidate: Any, length: int) -> float:
     return seconds(baseline) / seconds(candidate)
 
 
-def static_rows(models: Models, fractions: list[float], length: int, windows: int, prefill: int, repeats: int) -> list[dict[str, Any]]:
+def static_rows(models: Models, modes: list[tuple[str, str]], fractions: list[float], length: int, windows: int, prefill: int, repeats: int) -> list[dict[str, Any]]:
     from compiler.evaluation import compare, load_text, token_windows
 
     calibration = models.calibration()
@@ -141,14 +149,22 @@ def static_rows(models: Models, fractions: list[float], length: int, windows: in
         return memo[key]
 
     rows = []
-    for kind, method in MODES:
+    for kind, method in modes:
         ranked: list[str] = []
+        greedy: dict[str, Any] = {}
         if method == "similarity":  # one calibration per kind: every fraction takes a prefix of the ranking
             _, stats = _skip(models.full.gm, None, kind, method, 1.0, calibration, prefill)
             ranked, similarity = stats["skipped"], {u["name"]: u["similarity"] for u in stats["units"]}
+        elif method == "greedy":  # one greedy order, grown to the largest fraction's count
+            t0 = time.perf_counter()
+            units = len(find_units(models.full.gm, kind))
+            _, stats = _skip(models.full.gm, None, kind, method, 1.0, calibration, prefill, count=round(max(fractions) * units))
+            ranked, similarity = stats["skipped"], {}
+            greedy = {"order": ranked, "seconds": time.perf_counter() - t0}
+            _log(f"greedy order of {len(ranked)} {kind} units in {greedy['seconds']:.0f} s: {', '.join(ranked)}")
         for fraction in fractions:
             t0 = time.perf_counter()
-            if method == "similarity":
+            if method in ("similarity", "greedy"):
                 names = ranked[: round(fraction * len(ranked))]
                 rewritten, stats = _skip(models.full.gm, names, kind, method, fraction, None, prefill)
             else:
@@ -160,6 +176,9 @@ def static_rows(models: Models, fractions: list[float], length: int, windows: in
                 "similarity": {name: similarity[name] for name in names if name in similarity},
                 "speedup_predicted_pass": last_stats["predicted_speedup"],
             }
+            if greedy:
+                row["greedy_order"] = greedy["order"]
+                row["greedy_seconds"] = greedy["seconds"]
             for text, ids in texts.items():
                 report = compare(reference, run_full(rewritten), ids)
                 row[text] = {"ppl_fp": report.ppl_reference, "ppl": report.ppl_candidate, "ppl_increase": report.ppl_increase, "top1_agreement": report.top1_agreement, "tokens": report.tokens}
@@ -175,6 +194,13 @@ def static_rows(models: Models, fractions: list[float], length: int, windows: in
             q = ", ".join(f"{t.split('_')[0]} ppl {row[t]['ppl_increase']:+.2%} top-1 {row[t]['top1_agreement']:.3f}" for t in TEXTS)
             _log(f"static {kind}/{method} {fraction:.0%} ({len(names)} units): {q}; prefill {row['speedup_measured']:.3f}x measured, {row['speedup_predicted']:.3f}x predicted ({time.perf_counter() - t0:.0f} s)")
     return rows
+
+
+def find_units(gm: Any, kind: str) -> list[Any]:
+    from compiler.analysis.blocks import find_blocks
+
+    blocks = find_blocks(gm)
+    return [b for b in blocks.blocks if b.sublayers] if kind == "block" else blocks.of_kind(kind)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -278,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", metavar="OUT", help="write the results here as JSON (and the plot next to it)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    parser.add_argument("--modes", nargs="+", default=[f"{k}:{m}" for k, m in MODES], help="static modes as kind:method (default: all)")
     parser.add_argument("--length", type=int, default=1024, help="tokens per evaluation window")
     parser.add_argument("--windows", type=int, default=3, help="evaluation windows per text")
     parser.add_argument("--prefill", type=int, default=2048, help="tokens of the timed prefill")
@@ -293,7 +320,11 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     models = Models()
     if "static" in args.only:
-        payload["static"] = static_rows(models, args.fractions, args.length, args.windows, args.prefill, args.repeats)
+        modes = [tuple(m.split(":", 1)) for m in args.modes]
+        unknown = [f"{k}:{m}" for k, m in modes if (k, m) not in MODES]
+        if unknown:
+            parser.error(f"--modes: unknown {', '.join(unknown)}; known: {', '.join(f'{k}:{m}' for k, m in MODES)}")
+        payload["static"] = static_rows(models, modes, args.fractions, args.length, args.windows, args.prefill, args.repeats)
         if args.json:
             payload["plot"] = str(plot(payload["static"], Path(args.json).with_suffix(".png")))
     if "dynamic" in args.only:

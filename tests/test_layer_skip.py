@@ -229,6 +229,47 @@ def test_budget_mode_takes_the_most_units_within_the_budget(smollm2):
     assert result.stats["calibration_quality"][str(n)]["ppl_increase"] == pytest.approx(costs[n], abs=1e-9)
 
 
+def test_greedy_order_is_the_argmin_of_measured_perplexity_at_each_step(smollm2):
+    # the greedy method against a brute force written here: step 1 removes the single attention
+    # sublayer that costs the least calibration perplexity; step 2 the one that, added to it,
+    # costs the least; the budget mode stops at the first prefix that does not fit
+    model = smollm2.model()
+    batches = smollm2.calibration_batches(window=48, count=1)
+    captured = capture_export(model, (), batches[0])
+    calibration = Calibration(lambda window, count: batches[:count]).with_flatten(captured.flatten_example)
+    flat = [captured.flatten_example(b) for b in batches]
+    with torch.no_grad():
+        reference = [(f[0], captured.gm(*f)[0].float()) for f in flat]
+
+    def quality(names: list[str]) -> tuple[float, float]:
+        gm = copy_graph_module(captured.gm)
+        found = {s.name: s for s in find_blocks(gm).sublayers}
+        apply_skips(gm, [found[n] for n in names])
+        return _quality(gm, flat, reference)
+
+    names = [s.name for s in find_blocks(captured.gm).of_kind("attention")]
+    single = {n: quality([n]) for n in names}
+    first = min(single, key=lambda n: single[n][0])
+    pair = {n: quality([first, n]) for n in names if n != first}
+    second = min(pair, key=lambda n: pair[n][0])
+
+    # an agreement budget between the two prefixes' agreements: the pass grows its order to two
+    # steps and keeps exactly the first (the perplexity of the best removals can fall below the
+    # full model's on short windows, so the budget is on agreement)
+    one, two = single[first][1], pair[second][1]
+    assert one > two, (one, two)
+    budgeted = LayerSkip(kind="attention", method="greedy", say=lambda _: None).run(
+        copy_graph_module(captured.gm), PassContext(target="host", budget=f"agreement:{(one + two) / 2 * 100:.6f}%", calibration_data=calibration)
+    )
+    assert budgeted.stats["skipped"] == [first]
+    assert budgeted.stats["method_used"] == "greedy"
+    q = budgeted.stats["calibration_quality"]
+    assert q["1"]["unit"] == first and q["1"]["ppl_increase"] == pytest.approx(single[first][0], abs=1e-9)
+    assert q["2"]["unit"] == second and q["2"]["top1_agreement"] == pytest.approx(two, abs=1e-9)
+    with pytest.raises(UserInputError, match="calibration inputs"):
+        LayerSkip(method="greedy", count=1).run(copy_graph_module(captured.gm), PassContext(target="host"))
+
+
 def test_bad_options_name_the_problem():
     with pytest.raises(UserInputError, match="at most one of"):
         LayerSkip(count=2, fraction=0.5)
