@@ -220,6 +220,7 @@ class Planner:
         self.progress = progress
         self.say = say or (lambda msg: print(f"[planner] {msg}", file=sys.stderr, flush=True))
         self.cost_model = CostModel(self.target)
+        self._reference_outputs: list[tuple[torch.Tensor, float, torch.Tensor]] | None = None
 
     # -- the search -------------------------------------------------------------------------------
 
@@ -238,8 +239,11 @@ class Planner:
         fingerprint = self._fingerprint(gm)
         captured_seconds = float(self.cost_model.graph(gm).at_length(self.length).time)
 
-        for c in _progress(candidates, "predicting", self.progress):
+        dropped = self._screen(gm, candidates, settings, fingerprint) if settings else {}
+        todo = [c for c in candidates if c.predicted_seconds is None and c.status == "unmeasured"]
+        for c in _progress(todo, "predicting", self.progress):
             self._predict(gm, c, fingerprint)
+        excluded.update(dropped)
         baseline = candidates[0]
         baseline.status, baseline.reason = "baseline", why or "the lossless pipeline: always within budget"
         for c in candidates:
@@ -257,6 +261,52 @@ class Planner:
         )
         self.say(f"chose {chosen.label}: predicted {chosen.predicted_speedup:.3f}x the lossless pipeline at {self.length} tokens on {self.target.name} ({plan.seconds:.0f} s)")
         return plan
+
+    def _screen(self, gm: fx.GraphModule, candidates: list[Candidate], settings: dict[str, list[Setting]], fingerprint: str) -> dict[str, str]:
+        """Each family's mildest setting alone, built once, priced and measured first. A family
+        whose mildest setting fails the budget is dropped whole: its harsher settings and every
+        combination holding one cannot fit either (quality falls along a family's settings and
+        as lossy passes add up), so they are neither built nor measured. This is what keeps an
+        expensive family that cannot fit (shift-add refits every layer per candidate) from
+        costing the search more than its one measurement. Returns {family: why} for the
+        dropped."""
+        dropped: dict[str, str] = {}
+        singles = {c.settings[0].family: c for c in candidates if len(c.settings) == 1 and c.settings[0].level == 0}
+        for family, c in singles.items():
+            graph = self._predict(gm, c, fingerprint, keep=True)
+            if c.status == "failed":
+                continue
+            self._measure_one(gm, c, fingerprint, graph)
+            del graph
+            if c.status == "over budget":
+                dropped[family] = f"its mildest setting alone ({c.settings[0].label}) is over {self.budget}: {c.reason}; its harsher settings and the combinations holding one were not built"
+        for c in candidates:
+            gone = [s.family for s in c.settings if s.family in dropped]
+            if gone and c is not singles.get(gone[0]):
+                c.status, c.reason = "over budget", f"not built: {gone[0]}'s mildest setting alone is over {self.budget}"
+        return dropped
+
+    def _measure_one(self, gm: fx.GraphModule, c: Candidate, fingerprint: str, graph: fx.GraphModule | None = None) -> bool:
+        """Quality of c's lossy part on calibration windows (stored, or measured on `graph` or a
+        new build); sets its quality, status and reason. True when it fits the budget."""
+        key = f"{fingerprint}:{c.key}"
+        stored = self.store.get("planner_quality", key)
+        if stored is None:
+            if self._reference_outputs is None:
+                self._reference_outputs = self._reference(gm)
+            if graph is None:
+                graph, _ = self.build(gm, c.settings)
+            stored = self._quality(graph, self._reference_outputs)
+            self.store.put("planner_quality", key, stored)
+        else:
+            c.cached = True
+        c.quality = stored
+        fits = self.budget.allows(stored["ppl_increase"], stored["top1_agreement"])
+        c.status = "fits" if fits else "over budget"
+        c.reason = f"calibration ppl {stored['ppl_increase']:+.2%}, top-1 {stored['top1_agreement']:.3f}"
+        speed = f"predicted {c.predicted_speedup:.3f}x, " if c.predicted_speedup else ""
+        self.say(f"{c.label}: {speed}{c.reason} -> {c.status}")
+        return fits
 
     def pipeline_for(self, settings: Sequence[Setting]) -> Pipeline:
         """The base pipeline (default: `default_pipeline()`) with its lossy passes replaced by
@@ -332,61 +382,57 @@ class Planner:
         records = head.run(copy, ctx)
         return copy, records
 
-    def _predict(self, gm: fx.GraphModule, c: Candidate, fingerprint: str) -> None:
+    def _predict(self, gm: fx.GraphModule, c: Candidate, fingerprint: str, keep: bool = False) -> fx.GraphModule | None:
+        """Price c on the target (stored, or built and priced). With `keep`, also return the
+        graph after its lossy part (what its quality is measured on), building it if the price
+        was stored and its quality is not."""
         key = f"{fingerprint}:{c.key}"
         stored = self.store.get("planner_prediction", key)
         if stored is not None:
             c.predicted_seconds, c.stats, c.cached = stored["seconds"], stored["stats"], True
-            return
+            if keep and self.store.get("planner_quality", key) is None:
+                return self.build(gm, c.settings)[0]
+            return None
         try:
             graph, records = self.build(gm, c.settings)
+            head = copy_graph_module(graph) if keep else None
             _, tail = self._split(c.settings)
             Pipeline([p for p in tail.passes if p.name not in RANK_WITHOUT], "ranking tail").run(graph, self._ctx())
             c.predicted_seconds = float(self.cost_model.graph(graph).at_length(self.length).time)
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot be built is rejected, not fatal
             c.status, c.reason = "failed", f"{type(exc).__name__}: {exc}"
             self.say(f"{c.label}: {c.reason}")
-            return
+            return None
         c.stats = {r.name: _summary(r) for r in records if r.lossy and r.result is not None}
         self.store.put("planner_prediction", key, {"seconds": c.predicted_seconds, "stats": c.stats})
+        return head
 
     def _measure(self, gm: fx.GraphModule, candidates: list[Candidate], fingerprint: str) -> Candidate:
         baseline = candidates[0]
         order = sorted((c for c in candidates[1:] if c.predicted_seconds), key=lambda c: c.predicted_seconds)
         failed_alone: dict[str, int] = {}  # family -> mildest level that failed on its own
         chosen = baseline
-        reference = None
         todo = [c for c in order if c.predicted_seconds < baseline.predicted_seconds]
         for c in order:
             if c not in todo:
                 c.reason = "predicted no faster than the lossless pipeline"
         bar = _progress(todo, "measuring quality", self.progress)
         for c in bar:
-            if chosen is not baseline and c.predicted_seconds >= chosen.predicted_seconds:
+            if c.quality is not None:  # measured when its family was screened
+                fits = c.status == "fits"
+            elif chosen is not baseline and c.predicted_seconds >= chosen.predicted_seconds:
                 c.reason = f"predicted slower than {chosen.label}, already within budget"
                 continue
-            harsh = [s for s in c.settings if s.family in failed_alone and s.level >= failed_alone[s.family]]
-            if harsh:
+            elif harsh := [s for s in c.settings if s.family in failed_alone and s.level >= failed_alone[s.family]]:
                 c.status, c.reason = "over budget", f"{harsh[0].family} at this level or milder failed the budget alone"
                 continue
-            key = f"{fingerprint}:{c.key}"
-            stored = self.store.get("planner_quality", key)
-            if stored is None:
-                if reference is None:
-                    reference = self._reference(gm)
-                graph, _ = self.build(gm, c.settings)
-                stored = self._quality(graph, reference)
-                self.store.put("planner_quality", key, stored)
             else:
-                c.cached = True
-            c.quality = stored
-            fits = self.budget.allows(stored["ppl_increase"], stored["top1_agreement"])
-            c.status = "fits" if fits else "over budget"
-            c.reason = f"calibration ppl {stored['ppl_increase']:+.2%}, top-1 {stored['top1_agreement']:.3f}"
-            self.say(f"{c.label}: predicted {c.predicted_speedup:.3f}x, {c.reason} -> {c.status}")
+                fits = self._measure_one(gm, c, fingerprint)
+            if fits and chosen is not baseline and c.predicted_seconds >= chosen.predicted_seconds:
+                c.reason += f"; predicted slower than {chosen.label}"
+                continue
             if fits:
                 chosen = c
-                c.reason = c.reason
             elif len(c.settings) == 1:
                 s = c.settings[0]
                 failed_alone[s.family] = min(s.level, failed_alone.get(s.family, s.level))

@@ -75,8 +75,9 @@ def test_planner_chooses_the_known_best_plan(setup, tmp_path):
     # fewer attention layers, less predicted time: 3 < 2 < 1 < 0 skipped
     times = [by_count[n].predicted_seconds for n in (3, 2, 1, 0)]
     assert times == sorted(times) and len(set(times)) == 4
-    # count=1 is slower than the chosen plan: never measured
-    assert by_count[1].quality is None and "slower than" in by_count[1].reason
+    # count=1, the family's mildest setting, is measured first (it screens the family) and fits,
+    # but the chosen plan is faster
+    assert by_count[1].status == "fits" and by_count[1].quality["top1_agreement"] == 1.0 and "slower than" in by_count[1].reason
     # the chosen plan's pipeline runs exactly that skip
     pipeline = plan.pipeline()
     skip = next(p for p in pipeline.passes if p.name == "layer_skip")
@@ -115,6 +116,31 @@ def test_a_rerun_reuses_every_stored_measurement(setup, tmp_path, monkeypatch):
     assert not any(c.cached for c in third.candidates)
 
 
+def test_a_family_whose_mildest_setting_fails_is_dropped_unbuilt(setup, tmp_path, monkeypatch):
+    # Unified skipping of one attention sublayer takes attention3, which matters (its output is
+    # scaled up), so at agreement:100% the mildest setting fails: it is built and measured once;
+    # the harsher setting is never built
+    _, captured, calibration = setup
+    built = []
+    build = Planner.build
+
+    def counting(self, gm, settings):
+        built.append(tuple(s.label for s in settings))
+        return build(self, gm, settings)
+
+    monkeypatch.setattr(Planner, "build", counting)
+    unified = ({"kind": "attention", "method": "unified", "count": 1}, {"kind": "attention", "method": "unified", "count": 3})
+    plan = Planner("host", "agreement:100%", calibration, length=64, families={"layer_skip": unified}, quality_length=32, quality_count=3,
+                   store=Store(tmp_path / "store.sqlite"), progress=False, say=lambda m: None).plan(captured.gm)
+    mild, harsh = plan.candidates[1], plan.candidates[2]
+    assert plan.chosen is plan.candidates[0]
+    assert mild.status == "over budget" and mild.quality["top1_agreement"] < 1.0 and mild.predicted_seconds is not None
+    assert harsh.status == "over budget" and harsh.quality is None and harsh.predicted_seconds is None and harsh.reason.startswith("not built")
+    assert mild.stats["layer_skip"]["skipped"] == ["attention3"]
+    assert sorted(built) == [(), (mild.settings[0].label,)]  # the baseline, priced, and the mildest setting
+    assert "mildest setting alone" in plan.excluded["layer_skip"]
+
+
 def test_a_setting_that_fails_alone_prunes_harsher_combinations():
     planner = Planner.__new__(Planner)
     planner.budget, planner.progress, planner.say = parse_budget("ppl:+2%"), False, lambda m: None
@@ -135,7 +161,7 @@ def test_a_setting_that_fails_alone_prunes_harsher_combinations():
     cost = {a1.key: 0.5, a0b0.key: 0.015, a1b1.key: 0.001, a0.key: 0.0, b0.key: 0.0}
     measured = []
     planner.build = lambda gm, settings: (Candidate(tuple(settings)).key, [])
-    planner._reference = lambda gm: []
+    planner._reference, planner._reference_outputs = (lambda gm: []), None
 
     def quality(key, reference):
         measured.append(key)
