@@ -121,6 +121,9 @@ def capture_export(
             ) from exc
         if path is not None:
             _save_export(ep, path)
+            # what a later capture will load: the same program, node for node, so that the
+            # fingerprints keyed on its graph (planner, calibration, measurements) match
+            ep = _load_export(path) or ep
     gm = _from_exported(ep)
     return Captured(gm, ep.call_spec.in_spec, ep.call_spec.out_spec, "export", fixed)
 

@@ -267,7 +267,9 @@ def _prepare(gm: fx.GraphModule, sample_inputs: Sequence[Any]) -> tuple[fx.Graph
     tensors = []
     for node, value in zip(placeholders, sample_inputs):
         if isinstance(value, torch.Tensor):
-            tensors.append(value)
+            # a copy: torch.export marks the dims it makes dynamic on the tensor objects it is
+            # given, and a second export of the caller's tensors (a static retry) would inherit them
+            tensors.append(value.clone())
             continue
         if not isinstance(value, (bool, int, float, type(None))):
             raise UserInputError(f"export_onnx: input {node.name} is a {type(value).__name__}; only tensors and Python scalars can be exported")
@@ -651,11 +653,16 @@ def _build_function(cfg: _Config, opset: int, dynamic: bool) -> _Body:
     tensors = [cfg.args[i] for i in cfg.tensor_slots]
     shapes = None
     if dynamic and any(None in dims for dims in cfg.symbolic):
-        # forward takes *tensors: one parameter, whose spec is the tuple of per-tensor specs
-        shapes = (tuple({i: Dim.DYNAMIC for i, d in enumerate(dims) if d is None} or None for dims in cfg.symbolic),)
+        # forward takes *tensors: one parameter, whose spec is the tuple of per-tensor specs.
+        # Dim.AUTO, not DYNAMIC: the body relates its inputs' symbolic dims (q's and k's
+        # sequence are one symbol, a block count is derived from it), which torch.export then
+        # infers; a dim it would specialize is refused below instead
+        shapes = (tuple({i: Dim.AUTO for i, d in enumerate(dims) if d is None} or None for dims in cfg.symbolic),)
     what = f"the reference of compiler::{cfg.op.name}"
     try:
         ep = _torch_export(module, tensors, shapes, what)
+        if shapes is not None:
+            _check_still_symbolic(ep, cfg.symbolic, what)
     except UserInputError as exc:
         if "data-dependent" not in str(exc):
             raise
@@ -691,6 +698,22 @@ def _build_function(cfg: _Config, opset: int, dynamic: bool) -> _Body:
         doc_string=f"compiler::{cfg.op.name} with {cfg.constants()}; body exported from its reference",
     )
     return _Body(function, list(model.functions), imports, model.ir_version)
+
+
+def _check_still_symbolic(ep: torch.export.ExportedProgram, wanted: Sequence[tuple[int | None, ...]], what: str) -> None:
+    """Refuse an export that specialized a dimension the IR keeps symbolic (the function would
+    be right at the sample's sizes only)."""
+    from torch.export.graph_signature import InputKind
+
+    users = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    for j, (name, dims) in enumerate(zip(users, wanted)):
+        val = vals.get(name)
+        if not isinstance(val, torch.Tensor):
+            continue
+        fixed = [i for i, d in enumerate(dims) if d is None and isinstance(val.shape[i], int)]
+        if fixed:
+            raise UserInputError(f"export_onnx: torch.export could not trace {what}: it specialized dims {fixed} of input {j}, which the graph keeps symbolic")
 
 
 def _call_model(body: _Body, cfg: _Config) -> Any:

@@ -11,21 +11,25 @@
    pipeline). Families that cannot pay off on this graph are left out with the reason
    (`shift_add` is priced from shapes alone before any fitting: at prefill's rows its lookups
    lose to a dense GEMM; `kv_cache` rewrites explicit-cache decode graphs, not a forward).
-2. **Predict.** Each candidate's pipeline runs on a copy of the graph (lossy passes calibrate on
+2. **Screen.** Each family's mildest setting alone is built, priced and measured first; a
+   family whose mildest setting fails the budget is dropped whole, its other candidates never
+   built (an expensive family that cannot fit, such as shift-add on de-quantized weights, then
+   costs one measurement, not one fit per combination).
+3. **Predict.** Each candidate's pipeline runs on a copy of the graph (lossy passes calibrate on
    `calibration`, as they would in a compile) and the cost model prices the result on the
    target with every size symbol bound to `length`. Speedups are against the lossless
    pipeline's graph, and against the captured graph. The region partitioner is left out of
    this ranking (`RANK_WITHOUT`: slow, and alike for every candidate); the chosen plan is
    compiled with it.
-3. **Measure.** From the fastest prediction down, the quality of the lossy part (the graph after
+4. **Measure.** From the fastest prediction down, the quality of the lossy part (the graph after
    the lossy passes, run in ATen) on calibration windows: perplexity increase and top-1
    agreement against the unmodified graph. Two prunings keep this short: a candidate slower
    than one already found within budget is not measured (it cannot be chosen), and a
    candidate holding a setting at least as harsh as one that failed alone is rejected
    unmeasured (quality falls monotonically along a family's settings).
-4. **Choose** the fastest measured candidate within the budget (the baseline always is). The
+5. **Choose** the fastest measured candidate within the budget (the baseline always is). The
    Pareto front of the measured candidates (quality cost against predicted speedup) is kept.
-5. **Cache.** Predictions and measurements are stored in the compiler's SQLite store under
+6. **Cache.** Predictions and measurements are stored in the compiler's SQLite store under
    the graph's and weights' fingerprint, the target, the length and the calibration windows:
    a rerun reuses them and only compiles the chosen plan.
 
