@@ -90,6 +90,9 @@ class Models:
         return Calibration(make).with_flatten(self.full.flatten_example)
 
 
+CALIBRATION_WINDOWS = 8  # windows of 512 tokens the pass ranks on (--calibration-windows)
+
+
 def _skip(gm: Any, names: list[str] | None, kind: str, method: str, fraction: float, calibration: Any, length: int, count: int | None = None) -> tuple[Any, dict[str, Any]]:
     """A copy of gm with the pass applied: (graph, the pass's stats)."""
     from compiler.ir import copy_graph_module
@@ -100,7 +103,7 @@ def _skip(gm: Any, names: list[str] | None, kind: str, method: str, fraction: fl
     if names is not None:
         p = LayerSkip(kind=kind, method=method, names=names, length=length, say=_log)
     elif count is not None:
-        p = LayerSkip(kind=kind, method=method, count=count, length=length, say=_log)
+        p = LayerSkip(kind=kind, method=method, count=count, length=length, calibration_count=CALIBRATION_WINDOWS, say=_log)
     else:
         p = LayerSkip(kind=kind, method=method, fraction=fraction, length=length, say=_log)
     result = p.run(out, PassContext(target="host", calibration_data=calibration))
@@ -304,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", metavar="OUT", help="write the results here as JSON (and the plot next to it)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    parser.add_argument("--calibration-windows", type=int, default=CALIBRATION_WINDOWS, help="512-token calibration windows the greedy ranking measures on (default 8)")
     parser.add_argument("--modes", nargs="+", default=[f"{k}:{m}" for k, m in MODES], help="static modes as kind:method (default: all)")
     parser.add_argument("--length", type=int, default=1024, help="tokens per evaluation window")
     parser.add_argument("--windows", type=int, default=3, help="evaluation windows per text")
@@ -315,8 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dyn-samples", type=int, default=2)
     args = parser.parse_args(argv)
 
+    globals()["CALIBRATION_WINDOWS"] = args.calibration_windows
     torch.manual_seed(0)
-    payload: dict[str, Any] = {"env": env_info(), "target": "host"}
+    payload: dict[str, Any] = {"env": env_info(), "target": "host", "calibration_windows": CALIBRATION_WINDOWS}
     start = time.perf_counter()
     models = Models()
     if "static" in args.only:

@@ -803,9 +803,12 @@ def export_onnx(
     _check_supported(prepared)
     configs, expected = _record_calls(prepared, tensors, dynamic)
     table = {cfg.op.overload: _translation(cfg.op, configs) for cfg in configs.values()}
+    # the bodies first: they are small, and where one cannot be exported (a symbolic dim that
+    # its reference specializes), the export fails before the minute the whole graph takes
+    bodies = {cfg.op_type: _build_function(cfg, opset, dynamic) for cfg in configs.values()}
     ep = _torch_export(prepared, tensors, _dynamic_shapes(prepared) if dynamic else None, "the graph")
     model = _onnx_program(ep, opset, table, "the graph").model_proto
-    functions = _add_functions(model, configs, opset, dynamic, check, rtol, atol)
+    functions = _add_functions(model, configs, bodies, check, rtol, atol)
     _check_model(model)
     error = _check_outputs(model, tensors, expected, rtol, atol) if check else None
     external = model.ByteSize() > EXTERNAL_DATA_BYTES
@@ -835,8 +838,9 @@ def export_onnx(
     )
 
 
-def _add_functions(model: Any, configs: dict[tuple[Any, ...], _Config], opset: int, dynamic: bool, check: bool, rtol: float, atol: float) -> list[CustomFunction]:
-    """Build, check and attach one function per signature; add DOMAIN to the opset imports."""
+def _add_functions(model: Any, configs: dict[tuple[Any, ...], _Config], bodies: dict[str, _Body], check: bool, rtol: float, atol: float) -> list[CustomFunction]:
+    """Check and attach one function per signature (`bodies`, by op_type); add DOMAIN to the
+    opset imports."""
     from onnx import helper
 
     used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
@@ -846,7 +850,7 @@ def _add_functions(model: Any, configs: dict[tuple[Any, ...], _Config], opset: i
     for cfg in configs.values():
         if cfg.op_type not in used:
             raise CompilerError(f"export_onnx: compiler::{cfg.op.name} ({cfg.op_type}) was called on the sample but is not in the exported graph")
-        body = _build_function(cfg, opset, dynamic)
+        body = bodies[cfg.op_type]
         for domain, version in body.imports.items():
             if imports.setdefault(domain, version) != version:
                 raise CompilerError(f"export_onnx: the body of {cfg.op_type} imports {domain or 'ai.onnx'} {version}, the model {imports[domain]}")
