@@ -198,7 +198,8 @@ def at_hints(expr: Any, gm: fx.GraphModule) -> Any:
     try:
         env = fake_mode_of(gm).shape_env
         table = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val
-        hints = {s.name: v for s, v in table.items()}
+        # symbols only: a loaded ExportedProgram's environment also keys hints by expressions
+        hints = {s.name: v for s, v in table.items() if isinstance(s, sympy.Symbol)}
     except Exception:  # no shape environment to ask
         return None
     value = expr.subs({s: hints[s.name] for s in expr.free_symbols if s.name in hints})

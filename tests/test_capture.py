@@ -222,3 +222,39 @@ def test_split_example_inputs_follows_the_model_file_contract(example, expected)
 def test_split_example_inputs_rejects_other_types():
     with pytest.raises(CaptureError, match="example_inputs"):
         split_example_inputs("not inputs")
+
+
+def test_a_cached_capture_compiles_exactly_like_a_fresh_one(tmp_path, monkeypatch):
+    # capture_export(cache=True) saves the ExportedProgram and loads it on the next capture. The
+    # loaded one must be the same question for everything keyed or decided on it: the same
+    # graph text (planner and calibration fingerprints) and the same fusion decisions, which are
+    # taken at the traced sizes (a loaded shape environment keys some hints by expressions)
+    import compiler.capture as capture
+    from compiler.driver import CompileOptions, compile_graph
+    from compiler.ir import at_hints, copy_graph_module, fake_mode_of
+
+    monkeypatch.setenv("COMPILER_CACHE_DIR", str(tmp_path))
+    model, inputs = tiny_llama(), token_inputs(12)
+    seq = torch.export.Dim("seq", min=2, max=64)
+    dynamic = {"input_ids": {1: seq}, "attention_mask": {1: seq}}
+    load = capture._load_export
+    monkeypatch.setattr(capture, "_load_export", lambda path: None)  # exported, saved, not reloaded
+    fresh = capture_export(model, (), inputs, dynamic_shapes=dynamic, cache=True)
+    monkeypatch.setattr(capture, "_load_export", load)
+    assert any(tmp_path.rglob("*.pt2"))
+    loaded = capture_export(model, (), inputs, dynamic_shapes=dynamic, cache=True)
+    assert str(loaded.gm.graph) == str(fresh.gm.graph)
+    sym = next(d for d in loaded.gm.graph.find_nodes(op="placeholder")[-2].meta["val"].shape if isinstance(d, torch.SymInt))
+    assert at_hints(sym.node.expr * 2, loaded.gm) == 24  # the traced 12 tokens
+    assert fake_mode_of(loaded.gm).shape_env is not None
+
+    def fused(captured):
+        result = compile_graph(copy_graph_module(captured.gm), CompileOptions.make("h100", "lossless", length=4096))
+        stats = next(r for r in result.records if r.name == "fuse_regions").result.stats
+        return stats["regions"], float(result.cost.after.at_length(4096).time)
+
+    regions, seconds = fused(fresh)
+    assert regions > 0
+    assert fused(loaded) == (regions, pytest.approx(seconds, rel=1e-12))
+    flat = loaded.flatten_inputs((), inputs)
+    torch.testing.assert_close(loaded.gm(*flat)[0], fresh.gm(*fresh.flatten_inputs((), inputs))[0], rtol=0, atol=0)
