@@ -199,17 +199,21 @@ def test_speedup_mode_takes_the_fewest_units_that_reach_the_target():
     assert not r.changed
 
 
-def test_budget_mode_takes_the_most_units_within_the_budget(smollm2):
-    # a trained model, so that quality falls as attention goes
-    model = smollm2.model()
-    batches = smollm2.calibration_batches(window=32, count=1)
-    captured = capture_export(model, (), batches[0])
+def _smollm2_calibrated(smollm2, window: int):
+    """SmolLM2 captured at one calibration window: (captured, calibration, flat inputs, the
+    unmodified graph's (ids, logits) per window)."""
+    batches = smollm2.calibration_batches(window=window, count=1)
+    captured = capture_export(smollm2.model(), (), batches[0])
     calibration = Calibration(lambda window, count: batches[:count]).with_flatten(captured.flatten_example)
     flat = [captured.flatten_example(b) for b in batches]
-    reference = []
     with torch.no_grad():
-        for f in flat:
-            reference.append((f[0], captured.gm(*f)[0].float()))
+        reference = [(f[0], captured.gm(*f)[0].float()) for f in flat]
+    return captured, calibration, flat, reference
+
+
+def test_budget_mode_takes_the_most_units_within_the_budget(smollm2):
+    # a trained model, so that quality falls as attention goes
+    captured, calibration, flat, reference = _smollm2_calibrated(smollm2, window=32)
     # the quality of every count, in the pass's own order (by similarity)
     ranked = LayerSkip(kind="attention", count=30).run(copy_graph_module(captured.gm), PassContext(target="host", calibration_data=calibration)).stats["skipped"]
     costs = []
@@ -233,13 +237,7 @@ def test_greedy_order_is_the_argmin_of_measured_perplexity_at_each_step(smollm2)
     # the greedy method against a brute force written here: step 1 removes the single attention
     # sublayer that costs the least calibration perplexity; step 2 the one that, added to it,
     # costs the least; the budget mode stops at the first prefix that does not fit
-    model = smollm2.model()
-    batches = smollm2.calibration_batches(window=48, count=1)
-    captured = capture_export(model, (), batches[0])
-    calibration = Calibration(lambda window, count: batches[:count]).with_flatten(captured.flatten_example)
-    flat = [captured.flatten_example(b) for b in batches]
-    with torch.no_grad():
-        reference = [(f[0], captured.gm(*f)[0].float()) for f in flat]
+    captured, calibration, flat, reference = _smollm2_calibrated(smollm2, window=48)
 
     def quality(names: list[str]) -> tuple[float, float]:
         gm = copy_graph_module(captured.gm)
