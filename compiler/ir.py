@@ -206,6 +206,12 @@ def at_hints(expr: Any, gm: fx.GraphModule) -> Any:
     return None if value.free_symbols else value
 
 
+def graph_fingerprint(gm: fx.GraphModule) -> str:
+    """A hash of the graph's code (nodes, targets, arguments): with `weights_fingerprint`, what
+    stored measurements and calibrations are keyed on."""
+    return hashlib.sha256(str(gm.graph).encode()).hexdigest()
+
+
 def weights_fingerprint(gm: fx.GraphModule) -> str:
     """A hash of the graph's constants: names, shapes, dtypes and a strided sample of values
     (hashing every byte of a 540 MB model would take a second per compile)."""

@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from compiler.budget import Budget
 from compiler.errors import UserInputError
-from compiler.ir import weights_fingerprint
+from compiler.ir import graph_fingerprint, weights_fingerprint
 from compiler.planner import lm_logits, nll_sum
 
 VERSION = 1
@@ -32,7 +32,7 @@ REPEATS = 3
 
 def run_key(gm: fx.GraphModule, target: str, plan: str, length: int) -> str:
     """Names one compiled plan of one captured model at one length."""
-    graph = hashlib.sha256(str(gm.graph).encode()).hexdigest()
+    graph = graph_fingerprint(gm)
     return hashlib.sha256(repr((VERSION, graph, weights_fingerprint(gm), target, plan, length)).encode()).hexdigest()
 
 

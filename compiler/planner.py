@@ -55,7 +55,7 @@ from compiler.cache import Store
 from compiler.calibration import Calibration
 from compiler.cost_model import CostModel
 from compiler.errors import UserInputError
-from compiler.ir import copy_graph_module, weights_fingerprint
+from compiler.ir import copy_graph_module, graph_fingerprint, weights_fingerprint
 from compiler.passes.base import Pass
 from compiler.passes.pipeline import PassContext, PassRecord, Pipeline
 from compiler.targets import Target, load_target
@@ -214,9 +214,9 @@ class Planner:
         self.calibration = calibration
         self.length = length
         self.families = {k: tuple(v) for k, v in (families if families is not None else FAMILIES).items()}
-        unknown = set(self.families) - {"layer_skip", "sparse_attention", "shift_add"}
+        unknown = set(self.families) - set(FAMILIES)
         if unknown:
-            raise UserInputError(f"planner: unknown families {sorted(unknown)}; known: layer_skip, sparse_attention, shift_add")
+            raise UserInputError(f"planner: unknown families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
         self.quality_length = quality_length or length
         self.quality_count = quality_count
         self.base_pipeline = pipeline
@@ -230,6 +230,7 @@ class Planner:
 
     def plan(self, gm: fx.GraphModule) -> Plan:
         start = time.perf_counter()
+        self._reference_outputs = None  # the unmodified graph's outputs: this gm's, measured once per plan
         excluded = self._excluded(gm)
         settings = {f: [Setting(f, i, tuple(sorted(o.items()))) for i, o in enumerate(levels)] for f, levels in self.families.items() if f not in excluded}
         if self.budget.lossless or not settings:
@@ -361,7 +362,7 @@ class Planner:
         return ""
 
     def _fingerprint(self, gm: fx.GraphModule) -> str:
-        graph = hashlib.sha256(str(gm.graph).encode()).hexdigest()
+        graph = graph_fingerprint(gm)
         source = getattr(self.calibration, "name", None)
         base = self.base_pipeline.names() if self.base_pipeline else None
         return hashlib.sha256(repr((VERSION, graph, weights_fingerprint(gm), self.target.name, self.length, self.quality_length, self.quality_count, source, base)).encode()).hexdigest()

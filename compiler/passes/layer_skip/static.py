@@ -50,7 +50,7 @@ import torch.fx as fx
 from compiler.analysis.blocks import Blocks, Sublayer, bypass, find_blocks
 from compiler.errors import UserInputError
 from compiler.cache import Store
-from compiler.ir import copy_graph_module, propagate_meta, weights_fingerprint
+from compiler.ir import copy_graph_module, graph_fingerprint, propagate_meta, weights_fingerprint
 from compiler.passes.base import Pass, PassResult
 from compiler.calibration import static_length
 from compiler.passes.layer_skip.importance import stream_similarity
@@ -192,7 +192,7 @@ class LayerSkip(Pass):
         graph's and weights' fingerprints, so another `kind` or count (a planner's next
         candidate) reuses it."""
         length = static_length(gm) or self.calibration_length
-        graph = hashlib.sha256(str(gm.graph).encode()).hexdigest()
+        graph = graph_fingerprint(gm)
         key = hashlib.sha256(repr((_SIMILARITY_VERSION, length, self.calibration_count, graph, weights_fingerprint(gm))).encode()).hexdigest()
         store = Store()
         cached = store.get("layer_skip_similarity", key)
